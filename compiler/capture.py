@@ -1,0 +1,109 @@
+"""Capture a model with torch.export (non-strict) into an ExportedProgram with named outputs."""
+
+from __future__ import annotations
+
+import re
+import traceback
+from dataclasses import dataclass
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from effc.errors import CaptureError
+
+
+class NamedOutputs(torch.nn.Module):
+    """Calls the model with named inputs and returns its tensor outputs as a flat tuple.
+
+    HF models return ModelOutput objects (and caches); the artifact's outputs are the tensors by name.
+    forward gets an explicit signature (input_ids, attention_mask, ...) because torch.export names
+    graph inputs and matches dynamic_shapes by parameter name.
+    """
+
+    def __init__(self, model: torch.nn.Module, input_names: list[str], output_names: list[str]):
+        super().__init__()
+        bad = [n for n in input_names if not n.isidentifier()]
+        if bad:
+            raise CaptureError(f"input names must be Python identifiers, got {bad}")
+        self.model = model
+        self.input_names = input_names
+        self.output_names = output_names
+        self.forward = _with_signature(self._forward, input_names)
+
+    def _forward(self, inputs: dict):
+        out = self.model(**inputs)
+        return tuple(_named_tensors(out)[n] for n in self.output_names)
+
+
+def _with_signature(call, names: list[str]):
+    namespace = {"call": call}
+    exec(f"def forward({', '.join(names)}):\n    return call(dict({', '.join(f'{n}={n}' for n in names)}))", namespace)
+    return namespace["forward"]
+
+
+def _named_tensors(out) -> dict[str, torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return {"output": out}
+    if isinstance(out, dict):  # ModelOutput is an OrderedDict
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    if isinstance(out, (tuple, list)):
+        return {f"output_{i}": v for i, v in enumerate(out) if isinstance(v, torch.Tensor)}
+    raise CaptureError(f"the model returned {type(out).__name__}; effc needs tensors, a tuple of them or a ModelOutput")
+
+
+def prepare(model: torch.nn.Module) -> torch.nn.Module:
+    """Settings that make HF models exportable: no KV cache outputs, an exportable MoE implementation."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False
+    # transformers 5's default grouped_mm experts export to an opaque custom op (REFERENCE.md).
+    if hasattr(model, "set_experts_implementation") and getattr(config, "num_local_experts", 0):
+        model.set_experts_implementation("batched_mm")
+    return model.eval()
+
+
+@dataclass
+class Captured:
+    program: ExportedProgram
+    module: NamedOutputs  # the eager model with the same inputs and outputs as the program
+    input_names: list[str]
+    output_names: list[str]
+    dynamic: dict[str, dict[int, str]]
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame in model code (not torch internals), to name what failed."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename and __file__ != f.filename]
+    if frames:
+        f = frames[-1]
+        return f" at {f.filename.split('site-packages/')[-1]}:{f.lineno} ({f.name})"
+    m = re.search(r'File "([^"]+)", line (\d+)', str(exc))
+    return f" at {m.group(1).split('site-packages/')[-1]}:{m.group(2)}" if m else ""
+
+
+def capture(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+            dynamic: dict[str, dict[int, str]]) -> Captured:
+    model = prepare(model)
+    with torch.no_grad():
+        output_names = list(_named_tensors(model(**inputs)))
+    wrapper = NamedOutputs(model, list(inputs), output_names).eval()
+    dims: dict[str, Dim] = {}
+    shapes = {name: {axis: dims.setdefault(dim, Dim(dim)) for axis, dim in axes.items()}
+              for name, axes in dynamic.items()}
+    try:
+        with torch.no_grad():
+            program = torch.export.export(wrapper, (), dict(inputs), dynamic_shapes=shapes, strict=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ("; the model specializes a dynamic dim: try --static or other --input-shapes"
+                if "Constraints violated" in str(e) or "specialized" in str(e) else
+                "; try --static, or report the model and op")
+        raise CaptureError(f"torch.export failed{_where(e)}: {type(e).__name__}: {first[:300]}{hint}") from e
+    return Captured(program, wrapper, list(inputs), output_names, dynamic)
+
+
+def run_torch(module, inputs: dict[str, torch.Tensor], output_names: list[str]) -> dict:
+    """Outputs by name as numpy arrays, from an eager module or an ExportedProgram's module()."""
+    with torch.no_grad():
+        values = module(**inputs)
+    return {n: v.detach().cpu().numpy() for n, v in zip(output_names, values)}

@@ -1,0 +1,213 @@
+"""effc.compile: load -> capture -> passes -> target -> verify -> atomically written artifact."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+
+import effc
+from effc import inputs as inputs_mod
+from effc import sources
+from effc.capture import capture, run_torch
+from effc.errors import EffcError, VerificationError
+from effc.passes.base import Need, PassContext
+from effc.passes.program import node_count, parameter_bytes
+from effc.passes.registry import resolve
+from effc.report import CompileReport, PassRecord
+from effc.runtime.compare import Tolerance, compare
+from effc.runtime.manifest import REPORT, write_manifest
+from effc.targets.base import get_target
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _verification_inputs(example: dict[str, torch.Tensor], config) -> list[dict[str, torch.Tensor]]:
+    """The example inputs, plus for text models a second shape (other batch and length, right-padded)
+    so a dim specialized by mistake is caught at compile time."""
+    sets = [example]
+    ids = example.get("input_ids")
+    if ids is not None and ids.dim() == 2 and config is not None:
+        batch, seq = ids.shape
+        limit = getattr(config, "max_position_embeddings", None) or 4 * seq
+        shape = (batch + 1, min(limit, 2 * seq + 3))
+        sets.append(inputs_mod.make_text_inputs(list(example), config, shape, seed=1, pad="attention_mask" in example))
+    return sets
+
+
+def _io_metadata(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+            shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": dtype, "shape": shape})
+        return out
+    return describe(model.graph.input), describe(model.graph.output)
+
+
+def _prepare_output(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise EffcError(f"{output} already exists; choose another -o or pass --force to replace it")
+    if output.exists() and not output.is_dir():
+        raise EffcError(f"{output} exists and is not a directory; choose another -o")
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _publish(tmp: Path, output: Path) -> None:
+    """Move the finished artifact into place; an existing one is replaced only after the new one is complete."""
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+        tmp.rename(output)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(output)
+
+
+def compile(  # noqa: A001 - the product's verb
+    source: str,
+    output: str | Path,
+    *,
+    adapters: list[str] | tuple[str, ...] = (),
+    passes: list[str] | tuple[str, ...] = (),
+    pass_config: list[str] | tuple[str, ...] = (),
+    target: str = "ort",
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    verify: bool = True,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    dump_ir: str | Path | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> CompileReport:
+    """Compile `source` (HF model dir or module:callable) with adapters and passes for `target` into `output`.
+
+    Everything the user typed is validated before any model is loaded. Nothing is left at `output`
+    unless the artifact was built and verified.
+    """
+    say = progress or _quiet
+    t_start = time.perf_counter()
+    output = Path(output)
+    pipeline = resolve(list(passes), list(pass_config), have={Need.EXAMPLE_INPUTS})
+    target_impl = get_target(target)
+    _prepare_output(output, force)
+
+    stages: dict[str, float] = {}
+
+    def stage(name: str):
+        stages[name] = time.perf_counter()
+        say(f"effc: {name}...")
+
+    def done(name: str):
+        stages[name] = time.perf_counter() - stages[name]
+
+    stage("load")
+    src = sources.load(source, adapters)
+    example = inputs_mod.example_inputs(src.model, src.config, input_shapes, src.example_inputs)
+    done("load")
+
+    stage("capture")
+    captured = capture(src.model, example, inputs_mod.dynamic_dims(example))
+    program = captured.program
+    done("capture")
+    report = CompileReport(source=src.describe(), target=target, nodes_captured=node_count(program),
+                           param_bytes_captured=parameter_bytes(program))
+
+    stage("reference")
+    check_sets = _verification_inputs(example, src.config)
+    references = [run_torch(captured.module, s, captured.output_names) for s in check_sets]
+    done("reference")
+
+    dump = Path(dump_ir) if dump_ir else None
+    if dump:
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / "00_captured.txt").write_text(str(program.graph_module.code))
+    ctx = PassContext(example_inputs=example, source=src, log=say)
+    for i, p in enumerate(pipeline, 1):
+        say(f"effc: pass {p.name} ({i}/{len(pipeline)})...")
+        before_nodes, before_bytes = node_count(program), parameter_bytes(program)
+        t = time.perf_counter()
+        result = p.run(program, ctx)
+        seconds = time.perf_counter() - t
+        program = result.ir
+        # Every fx pass leaves a graph that runs in PyTorch; measure what it did to the outputs.
+        got = run_torch(program.module(), example, captured.output_names)
+        err = compare(references[0], got, Tolerance(float("inf"), 0.0)).max_abs
+        report.passes.append(PassRecord(p.name, p.config.to_dict(), seconds, result.changed, result.counts,
+                                        before_nodes, node_count(program), before_bytes, parameter_bytes(program),
+                                        err, result.notes))
+        if dump:
+            (dump / f"{i:02d}_{p.name}.txt").write_text(str(program.graph_module.code))
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        stage(f"build {target}")
+        built = target_impl.build(program, example, captured.output_names, captured.dynamic, tmp)
+        done(f"build {target}")
+        model_proto = onnx.load(str(tmp / built.model_file), load_external_data=False)
+        report.onnx_ops = dict(Counter(
+            (f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in model_proto.graph.node
+        ).most_common())
+        io_in, io_out = _io_metadata(model_proto)
+        manifest = {
+            "effc_version": effc.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": src.describe(),
+            "passes": [{"name": p.name, "config": p.config.to_dict()} for p in pipeline],
+            "target": {"name": target, **built.info},
+            "model_file": built.model_file,
+            "inputs": io_in,
+            "outputs": io_out,
+        }
+        write_manifest(tmp, manifest)  # provisional, so the runtime can open it for verification
+
+        if verify:
+            stage("verify")
+            report.verification = _verify(tmp, check_sets, references, atol, rtol)
+            done("verify")
+            if not report.verification["passed"]:
+                worst = max(report.verification["outputs"], key=lambda o: o["max_abs"])
+                raise VerificationError(
+                    f"the {target} artifact does not match eager PyTorch: output {worst['name']} max |Δ| "
+                    f"{worst['max_abs']:.3g} > atol {atol:g} + rtol {rtol:g}·|ref|; nothing was written "
+                    "(loosen --atol/--rtol if that error is expected, or --no-verify)")
+        report.artifact_bytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        report.stages = {k: round(v, 3) for k, v in stages.items()}
+        report.total_seconds = time.perf_counter() - t_start
+        manifest["verification"] = report.verification
+        (tmp / REPORT).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        write_manifest(tmp, manifest)
+        _publish(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _verify(artifact: Path, check_sets, references, atol: float, rtol: float) -> dict:
+    """Run the artifact on every verification input set; report the worst set's per-output numbers."""
+    from effc.runtime.session import Session
+
+    results, shapes = [], []
+    with Session(artifact, verify_hashes=False) as session:
+        for feeds, ref in zip(check_sets, references):
+            np_feeds = {k: v.numpy() for k, v in feeds.items()}
+            results.append(compare(ref, session.run(np_feeds), Tolerance(atol, rtol),
+                                   attention_mask=np_feeds.get("attention_mask")))
+            shapes.append({k: list(v.shape) for k, v in np_feeds.items()})
+    worst = max(results, key=lambda r: (not r.passed, r.max_abs))
+    return {**worst.to_dict(), "passed": all(r.passed for r in results), "max_abs": max(r.max_abs for r in results),
+            "atol": atol, "rtol": rtol, "shapes": shapes}

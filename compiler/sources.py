@@ -1,0 +1,113 @@
+"""Where a model comes from: a Hugging Face directory, PEFT adapters on top, or a module:callable factory."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from effc.errors import EffcError
+from effc.runtime.manifest import sha256_tree
+
+
+@dataclass
+class Source:
+    """A loaded model in eval mode, with what is needed to describe and reload it."""
+
+    spec: str
+    kind: str  # "hf_dir" or "factory"
+    model: torch.nn.Module
+    sha256: str
+    config: object | None = None  # transformers PretrainedConfig when there is one
+    adapters: list[dict] = field(default_factory=list)
+    example_inputs: dict[str, torch.Tensor] | None = None  # given by a factory
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "kind": self.kind, "sha256": self.sha256, "adapters": self.adapters}
+
+
+def _state_sha256(model: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + b"\0" + t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_hf_dir(path: Path):
+    import transformers
+
+    if not (path / "config.json").is_file():
+        raise EffcError(f"{path} is not a model directory: no config.json (give a Hugging Face model directory with "
+                        "config.json and *.safetensors, or a module:callable factory)")
+    if not any(path.glob("*.safetensors")):
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (f"; it has {', '.join(pickled)}, which effc will not unpickle: convert it to safetensors with a tool you trust"
+                if pickled else "")
+        raise EffcError(f"{path} has no *.safetensors weights{hint}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise EffcError(f"{path}/config.json could not be read by transformers: {str(e).splitlines()[0]}") from None
+    archs = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+    if cls is None:
+        cls = transformers.AutoModel
+    try:
+        model = cls.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
+    except Exception as e:
+        raise EffcError(f"could not load {path} as {cls.__name__}: {str(e).splitlines()[0]}") from None
+    return model, config
+
+
+def _load_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    # Like uvicorn/gunicorn: a factory in the current project is importable without installing it.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise EffcError(f"cannot import module {module_name!r} for {spec}: {e}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise EffcError(f"{spec}: module {module_name} has no callable {attr!r}")
+    made = factory()
+    model, example = (made if isinstance(made, tuple) else (made, None))
+    if not isinstance(model, torch.nn.Module):
+        raise EffcError(f"{spec} returned {type(model).__name__}; a factory returns an nn.Module or (module, example_inputs dict)")
+    return model, getattr(model, "config", None), example
+
+
+def load(spec: str, adapters: list[str] | tuple[str, ...] = ()) -> Source:
+    """Load a model by spec ("path/to/hf_dir" or "module:callable") with adapters applied, in eval mode."""
+    path = Path(spec)
+    if path.exists():
+        if not path.is_dir():
+            raise EffcError(f"{spec} is a file, not a model directory; give the directory that holds config.json")
+        model, config = _load_hf_dir(path)
+        source = Source(spec, "hf_dir", model, sha256_tree(path), config)
+    elif ":" in spec and not spec.startswith((".", "/")):
+        model, config, example = _load_factory(spec)
+        source = Source(spec, "factory", model, _state_sha256(model), config, example_inputs=example)
+    else:
+        raise EffcError(f"{spec}: no such model directory (give a Hugging Face model directory or module:callable)")
+    if adapters:
+        from effc.adapters import apply_adapters
+
+        source.model, source.adapters = apply_adapters(source.model, [Path(a) for a in adapters])
+    source.model.eval()
+    return source
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EffcError(f"cannot read {path}: {e}") from None

@@ -1,0 +1,112 @@
+"""The pass interface: a named transformation of one IR with a typed, frozen config."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+from effc.errors import EffcError
+
+
+class Level(str, enum.Enum):
+    FX = "fx"  # torch.export ExportedProgram; must still run in PyTorch afterwards
+    ONNX = "onnx"  # onnx ModelProto, after lowering
+
+
+class Need(str, enum.Enum):
+    EXAMPLE_INPUTS = "example_inputs"
+    CALIBRATION = "calibration"
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Base of every pass config: frozen dataclass fields are the keys `--pass-config name.key=value` may set."""
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_strings(cls, pass_name: str, values: dict[str, str]) -> PassConfig:
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, text in values.items():
+            if key not in hints:
+                raise EffcError(f"pass {pass_name} has no config key {key!r}; keys: {', '.join(cls.keys()) or '(none)'}")
+            kwargs[key] = parse_value(f"{pass_name}.{key}", hints[key], text)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_value(where: str, hint: Any, text: str) -> Any:
+    """Parse a command-line string into the annotated type (bool, int, float, str, Literal, Optional, tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        if text.lower() in ("none", "null", "") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return parse_value(where, inner[0], text)
+    if origin is Literal:
+        if text not in [str(a) for a in args]:
+            raise EffcError(f"{where}={text!r} is not one of {', '.join(map(str, args))}")
+        return next(a for a in args if str(a) == text)
+    if origin is tuple:
+        return tuple(parse_value(where, args[0], t.strip()) for t in text.split(",") if t.strip())
+    if hint is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise EffcError(f"{where}={text!r} is not a boolean (true or false)")
+        return text.lower() in ("true", "1", "yes")
+    if hint in (int, float):
+        try:
+            return hint(text)
+        except ValueError:
+            raise EffcError(f"{where}={text!r} is not {'an integer' if hint is int else 'a number'}") from None
+    return text
+
+
+@dataclass
+class PassResult:
+    ir: Any
+    changed: bool
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides its IR."""
+
+    example_inputs: dict[str, Any] | None = None
+    calibration: Any = None
+    source: Any = None
+    log: Any = print
+
+
+C = TypeVar("C", bound=PassConfig)
+
+
+class Pass(Generic[C]):
+    """A pass transforms one IR. Subclasses set the class attributes and implement run()."""
+
+    name: ClassVar[str]
+    level: ClassVar[Level]
+    config_class: ClassVar[type[PassConfig]] = PassConfig
+    summary: ClassVar[str] = ""
+    # Passes that must run before / after this one when both are in a pipeline.
+    after: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: C | None = None):
+        self.config: C = config if config is not None else self.config_class()
+
+    def needs(self) -> set[Need]:
+        """What this pass needs with its current config (a static pass may need calibration data)."""
+        return set()
+
+    def run(self, ir: Any, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
+        raise NotImplementedError

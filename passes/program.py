@@ -1,0 +1,70 @@
+"""Editing an ExportedProgram without touching the eager model it came from.
+
+ep.state_dict aliases the eager model's parameters (REFERENCE.md): passes never write into it; they
+build a new program whose state_dict maps the changed names to new tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature, InputKind
+
+_WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+def rebuild(ep: ExportedProgram, graph_module: torch.fx.GraphModule, signature: ExportGraphSignature,
+            state_dict: dict, constants: dict) -> ExportedProgram:
+    # Output specs name the node each output comes from; a rewrite may have replaced that node.
+    out_node = next(n for n in graph_module.graph.nodes if n.op == "output")
+    for spec, arg in zip(signature.output_specs, torch.fx.node.map_arg(out_node.args[0], lambda n: n)):
+        if isinstance(arg, torch.fx.Node) and hasattr(spec.arg, "name"):
+            spec.arg.name = arg.name
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return ExportedProgram(
+        root=graph_module, graph=graph_module.graph, graph_signature=signature, state_dict=state_dict,
+        range_constraints=copy.copy(ep.range_constraints), module_call_graph=copy.deepcopy(ep.module_call_graph),
+        example_inputs=ep.example_inputs, constants=constants, verifiers=ep.verifiers,
+    )
+
+
+def edit(ep: ExportedProgram):
+    """A private copy of the graph, signature, state_dict and constants to change and then rebuild()."""
+    gm = copy.deepcopy(ep.graph_module)
+    return gm, copy.deepcopy(ep.graph_signature), dict(ep.state_dict), dict(ep.constants)
+
+
+def drop_unused_weights(gm: torch.fx.GraphModule, signature: ExportGraphSignature,
+                        state_dict: dict, constants: dict) -> int:
+    """Remove parameter/buffer/constant placeholders nothing reads; returns how many."""
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    kept, dropped = [], 0
+    for spec in signature.input_specs:
+        node = placeholders.get(spec.arg.name) if hasattr(spec.arg, "name") else None
+        if spec.kind in _WEIGHT_KINDS and node is not None and not node.users:
+            gm.graph.erase_node(node)
+            state_dict.pop(spec.target, None)
+            constants.pop(spec.target, None)
+            dropped += 1
+        else:
+            kept.append(spec)
+    signature.input_specs[:] = kept
+    return dropped
+
+
+def node_count(ep: ExportedProgram) -> int:
+    return sum(1 for n in ep.graph.nodes if n.op == "call_function")
+
+
+def parameter_bytes(ep: ExportedProgram) -> int:
+    """Bytes of every weight the program reads (parameters, buffers, constant tensors)."""
+    total = 0
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind in _WEIGHT_KINDS:
+            t = ep.state_dict.get(spec.target, ep.constants.get(spec.target))
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

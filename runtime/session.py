@@ -1,0 +1,130 @@
+"""Run an effc artifact: validate inputs against its metadata, then execute it on ONNX Runtime."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from effc.errors import EffcError
+from effc.runtime.manifest import read_manifest
+
+# Execution providers in order of preference; only those present in this onnxruntime build are used.
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple  # ints for fixed dims, names (str) for dynamic ones
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.dtype}[{', '.join(map(str, self.shape))}]"
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return [p for p in PREFERRED_PROVIDERS if p in have]
+
+
+class Session:
+    """An opened artifact. Use `effc.runtime.open(path)`; it checks the artifact's hashes first."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 verify_hashes: bool = True):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, verify=verify_hashes)
+        self.inputs = [TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in self.manifest["inputs"]]
+        self.outputs = [TensorInfo(o["name"], o["dtype"], tuple(o["shape"])) for o in self.manifest["outputs"]]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        # Idle spinning workers steal a core from whatever runs next (REFERENCE.md, benchmarking on 2 cores).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.manifest["target"]["name"] == "ort":
+            # The graph was optimized at build time; doing it again only costs start-up.
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.providers = providers or available_providers()
+        model = self.path / self.manifest["model_file"]
+        try:
+            self._session = ort.InferenceSession(str(model), sess_options=opts, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise EffcError(f"onnxruntime could not load {model}: {str(e).splitlines()[0]}") from None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._session = None
+
+    def input_metadata(self) -> list[TensorInfo]:
+        return list(self.inputs)
+
+    def output_metadata(self) -> list[TensorInfo]:
+        return list(self.outputs)
+
+    def validate(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check names, dtypes, ranks and fixed dims; dynamic dims of the same name must agree."""
+        expected = {i.name: i for i in self.inputs}
+        missing = sorted(set(expected) - set(feeds))
+        extra = sorted(set(feeds) - set(expected))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(missing)}")
+            if extra:
+                parts.append(f"unexpected {', '.join(extra)}")
+            raise EffcError(f"inputs do not match the model ({'; '.join(parts)}); it takes "
+                            + ", ".join(i.describe() for i in self.inputs))
+        sizes: dict[str, int] = {}
+        out = {}
+        for name, info in expected.items():
+            arr = np.asarray(feeds[name])
+            if str(arr.dtype) != info.dtype:
+                raise EffcError(f"input {name} has dtype {arr.dtype}, the model takes {info.dtype}; convert it (e.g. arr.astype('{info.dtype}'))")
+            if arr.ndim != len(info.shape):
+                raise EffcError(f"input {name} has rank {arr.ndim} (shape {list(arr.shape)}), the model takes rank {len(info.shape)}: {info.describe()}")
+            for axis, (got, want) in enumerate(zip(arr.shape, info.shape)):
+                if isinstance(want, int) and got != want:
+                    raise EffcError(f"input {name} has size {got} on axis {axis}, the model needs {want}: {info.describe()}")
+                if isinstance(want, str) and sizes.setdefault(want, got) != got:
+                    raise EffcError(f"input {name} has {want}={got} on axis {axis} but another input has {want}={sizes[want]}; they must agree")
+            out[name] = arr
+        return out
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = self.validate(feeds)
+        names = [o.name for o in self.outputs]
+        values = self._session.run(names, feeds)
+        return dict(zip(names, values))
+
+    def warmup(self, feeds: dict[str, np.ndarray], runs: int = 3) -> None:
+        for _ in range(runs):
+            self.run(feeds)
+
+    def time(self, feeds: dict[str, np.ndarray], iters: int) -> list[float]:
+        """Seconds per run, inputs validated once up front so only the model is timed."""
+        feeds = self.validate(feeds)
+        names = [o.name for o in self.outputs]
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            self._session.run(names, feeds)
+            times.append(time.perf_counter() - t)
+        return times
+
+
+def open(path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Session:  # noqa: A001
+    """Open an artifact after checking every file against the sha256 in its manifest."""
+    return Session(path, providers=providers, threads=threads)

@@ -1,0 +1,53 @@
+"""The target interface and the one table of targets."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from effc.errors import EffcError
+
+
+@dataclass
+class BuildResult:
+    model_file: str  # relative to the artifact directory
+    files: list[str]
+    info: dict = field(default_factory=dict)  # opset, providers, optimization level...
+
+
+class Target:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    def available(self) -> str | None:
+        """None when this target can build here, else the reason it cannot."""
+        return None
+
+    def translations(self) -> dict:
+        """effc custom op -> this target's translation function (onnxscript for ONNX targets)."""
+        return {}
+
+    def build(self, program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor],
+              output_names: list[str], dynamic: dict[str, dict[int, str]], out_dir: Path) -> BuildResult:
+        raise NotImplementedError
+
+
+TARGETS: dict[str, str] = {
+    "onnx": "effc.targets.onnx:OnnxTarget",
+    "ort": "effc.targets.ort:OrtTarget",
+}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise EffcError(f"unknown target {name!r}; targets: {', '.join(sorted(TARGETS))}")
+    module, _, attr = TARGETS[name].partition(":")
+    target = getattr(importlib.import_module(module), attr)()
+    reason = target.available()
+    if reason:
+        raise EffcError(f"target {name} cannot build on this machine: {reason}")
+    return target

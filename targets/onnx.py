@@ -1,0 +1,25 @@
+"""onnx: portable ONNX, standard opset only, runs in any ONNX runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from effc.errors import EffcError
+from effc.targets import onnx_export
+from effc.targets.base import BuildResult, Target
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+class OnnxTarget(Target):
+    name = "onnx"
+    summary = "portable ONNX (standard opset only)"
+
+    def build(self, program, inputs, output_names, dynamic, out_dir: Path) -> BuildResult:
+        model = onnx_export.export(program, inputs, output_names, dynamic, self.translations())
+        custom = sorted({n.domain for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+        if custom:
+            raise EffcError(f"the graph uses operators outside the standard ONNX opset ({', '.join(custom)}); "
+                            "use --target ort, or drop the pass that introduced them")
+        files = onnx_export.save(model, out_dir / "model.onnx")
+        return BuildResult("model.onnx", files, {"opset": onnx_export.OPSET})

@@ -1,0 +1,69 @@
+"""ExportedProgram -> ONNX with the torch dynamo exporter; shared by every ONNX-based target."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import onnx
+import torch
+
+from effc.errors import EffcError
+
+OPSET = 20  # opset 23's RotaryEmbedding was rejected by ORT 1.31 for Llama (REFERENCE.md)
+TWO_GB = 2 * 1024**3
+DATA_SUFFIX = ".data"
+
+
+def _rename_dims(model: onnx.ModelProto, dynamic: dict[str, dict[int, str]]) -> None:
+    """The exporter names dynamic dims s0, s1...; give them the names the user knows (batch, sequence)."""
+    names: dict[str, str] = {}
+    for inp in model.graph.input:
+        for axis, dim in enumerate(inp.type.tensor_type.shape.dim):
+            wanted = dynamic.get(inp.name, {}).get(axis)
+            if wanted and dim.dim_param:
+                names.setdefault(dim.dim_param, wanted)
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
+def save(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Save; past 2 GB (protobuf's limit) the weights go to external data beside the model. Returns files written."""
+    if initializer_bytes(model) >= TWO_GB - (64 << 20):
+        data = path.name + DATA_SUFFIX
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+        return [path.name, data]
+    onnx.save_model(model, str(path))
+    return [path.name]
+
+
+def export(program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor], output_names: list[str],
+           dynamic: dict[str, dict[int, str]], translations: dict | None = None,
+           opset: int = OPSET) -> onnx.ModelProto:
+    """Translate the program to ONNX (functions inlined, dims named) and return it in memory."""
+    for name in ("torch.onnx", "torch.export", "torch._export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink):
+            onnx_program = torch.onnx.export(
+                program, (), kwargs=dict(inputs), dynamo=True, opset_version=opset, output_names=output_names,
+                custom_translation_table=translations or None, optimize=True, verbose=False, report=False,
+            )
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EffcError(f"ONNX export failed: {type(e).__name__}: {first[:400]}") from e
+    model = onnx_program.model_proto
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
+    _rename_dims(model, dynamic)
+    return model

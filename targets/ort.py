@@ -1,0 +1,43 @@
+"""ort: ONNX Runtime. The graph is optimized by ONNX Runtime at build time (may use com.microsoft
+contrib ops) and saved, so sessions start fast; the execution providers it was built for are recorded."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from effc.runtime.session import available_providers
+from effc.targets import onnx_export
+from effc.targets.base import BuildResult, Target
+
+# EXTENDED, not ALL: ALL adds layout transforms specific to this machine's CPU (NCHWc), which ORT's
+# docs say not to save for use on other machines.
+OPTIMIZATION_LEVEL = "ORT_ENABLE_EXTENDED"
+
+
+class OrtTarget(Target):
+    name = "ort"
+    summary = "ONNX Runtime: ORT-optimized graph, contrib ops allowed"
+
+    def build(self, program, inputs, output_names, dynamic, out_dir: Path) -> BuildResult:
+        import onnxruntime as ort
+
+        model = onnx_export.export(program, inputs, output_names, dynamic, self.translations())
+        providers = available_providers()
+        with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
+            raw = Path(tmp) / "raw.onnx"
+            external = onnx_export.save(model, raw)
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVEL)
+            opts.optimized_model_filepath = str(out_dir / "model.onnx")
+            files = ["model.onnx"]
+            if len(external) > 1:
+                data = "model.onnx" + onnx_export.DATA_SUFFIX
+                opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", data)
+                opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+                files.append(data)
+            ort.InferenceSession(str(raw), sess_options=opts, providers=providers)
+        return BuildResult("model.onnx", files, {
+            "opset": onnx_export.OPSET, "optimization_level": OPTIMIZATION_LEVEL, "providers": providers,
+            "onnxruntime": ort.__version__,
+        })
