@@ -28,7 +28,9 @@ class Source:
     example_inputs: dict[str, torch.Tensor] | None = None  # given by a factory
 
     def describe(self) -> dict:
-        return {"spec": self.spec, "kind": self.kind, "sha256": self.sha256, "adapters": self.adapters}
+        return {"spec": self.spec, "kind": self.kind, "sha256": self.sha256, "adapters": self.adapters,
+                "path": str(Path(self.spec).resolve()) if self.kind == "hf_dir" else None,
+                "vocab_size": getattr(self.config, "vocab_size", None)}
 
 
 def _state_sha256(model: torch.nn.Module) -> str:

@@ -1,0 +1,155 @@
+"""effc bench: latency, throughput and peak memory of an artifact, and of eager PyTorch in the same run.
+
+Each engine runs in a fresh subprocess (`python -m effc.bench`) so its peak memory is its own and one
+engine's idle threads or caches cannot slow the other. Both use the same inputs and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from effc.errors import EffcError
+
+
+def _rss_kb(field: str) -> int:
+    """VmRSS / VmHWM of this process from /proc (Linux); 0 elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def bench_inputs(manifest: dict, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for the artifact's metadata: dynamic dims set to batch/sequence, token ids below the vocab size."""
+    rng = np.random.default_rng(seed)
+    vocab = manifest["source"].get("vocab_size") or 100
+    feeds = {}
+    for info in manifest["inputs"]:
+        shape = [d if isinstance(d, int) else (batch if d == "batch" else seq) for d in info["shape"]]
+        if info["name"] == "input_ids":
+            feeds[info["name"]] = rng.integers(0, vocab, shape).astype(info["dtype"])
+        elif np.issubdtype(np.dtype(info["dtype"]), np.integer):
+            ones = info["name"] == "attention_mask"
+            feeds[info["name"]] = (np.ones if ones else np.zeros)(shape, dtype=info["dtype"])
+        else:
+            feeds[info["name"]] = rng.standard_normal(shape).astype(info["dtype"])
+    return feeds
+
+
+def summarize(times: list[float], batch: int) -> dict:
+    t = np.array(times) * 1e3
+    return {"p50_ms": float(np.median(t)), "p90_ms": float(np.quantile(t, 0.9)), "mean_ms": float(t.mean()),
+            "throughput_per_s": float(batch * 1e3 / np.median(t)), "iters": len(times)}
+
+
+def run_engine(engine: str, artifact: Path, inputs: Path, threads: int, warmup: int, iters: int) -> dict:
+    """In a child process: load one engine, time it, report JSON on stdout."""
+    cmd = [sys.executable, "-m", "effc.bench", engine, str(artifact), str(inputs),
+           "--threads", str(threads), "--warmup", str(warmup), "--iters", str(iters)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EffcError(f"bench of {engine} failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench(artifact: str | Path, vs_eager: bool, batch: int = 1, seq: int = 128, threads: int = 2,
+          warmup: int = 5, iters: int = 50, inputs_npz: str | None = None) -> dict:
+    from effc.inputs import load_npz
+    from effc.runtime.manifest import read_manifest
+
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)
+    feeds = load_npz(inputs_npz) if inputs_npz else bench_inputs(manifest, batch, seq)
+    first = next(iter(feeds.values()))
+    batch = int(first.shape[0]) if first.ndim else 1
+    results = {"inputs": {k: list(v.shape) for k, v in feeds.items()}, "threads": threads}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "inputs.npz"
+        np.savez(path, **feeds)
+        engines = ["artifact"] + (["eager"] if vs_eager else [])
+        for engine in engines:
+            results[engine] = run_engine(engine, artifact, path, threads, warmup, iters)
+            results[engine].update(summarize(results[engine].pop("times"), batch))
+    if vs_eager:
+        results["latency_ratio_artifact_over_eager"] = results["artifact"]["p50_ms"] / results["eager"]["p50_ms"]
+        results["peak_memory_ratio_artifact_over_eager"] = (
+            results["artifact"]["peak_rss_mb"] / results["eager"]["peak_rss_mb"] if results["eager"]["peak_rss_mb"] else None)
+    return results
+
+
+def table(results: dict) -> str:
+    rows = [f"{'engine':<10} {'p50 ms':>9} {'p90 ms':>9} {'items/s':>9} {'peak RSS MB':>12} {'over imports MB':>16}"]
+    for engine in ("artifact", "eager"):
+        r = results.get(engine)
+        if r:
+            rows.append(f"{engine:<10} {r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} {r['throughput_per_s']:>9.1f} "
+                        f"{r['peak_rss_mb']:>12.0f} {r['peak_over_imports_mb']:>16.0f}")
+    if "latency_ratio_artifact_over_eager" in results:
+        ratio = results["latency_ratio_artifact_over_eager"]
+        rows.append(f"artifact / eager latency (p50): {ratio:.3f}  ({1 / ratio:.2f}x faster)"
+                    if ratio < 1 else f"artifact / eager latency (p50): {ratio:.3f}  ({ratio:.2f}x slower)")
+        mem = results["peak_memory_ratio_artifact_over_eager"]
+        if mem:
+            rows.append(f"artifact / eager peak RSS: {mem:.3f}")
+    rows.append(f"inputs: {results['inputs']}, threads: {results['threads']}")
+    return "\n".join(rows)
+
+
+def _child(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m effc.bench")
+    ap.add_argument("engine", choices=["artifact", "eager"])
+    ap.add_argument("artifact")
+    ap.add_argument("inputs")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=50)
+    a = ap.parse_args(argv)
+    feeds = dict(np.load(a.inputs, allow_pickle=False))
+    if a.engine == "artifact":
+        from effc.runtime import open as open_artifact
+
+        base = _rss_kb("VmRSS")
+        session = open_artifact(a.artifact, threads=a.threads)
+        session.warmup(feeds, a.warmup)
+        times = session.time(feeds, a.iters)
+    else:
+        import torch
+
+        from effc import sources
+        from effc.capture import NamedOutputs, _named_tensors, prepare
+        from effc.runtime.manifest import read_manifest
+
+        torch.set_num_threads(a.threads)
+        manifest = read_manifest(Path(a.artifact))
+        src = manifest["source"]
+        base = _rss_kb("VmRSS")
+        model = prepare(sources.load(src.get("path") or src["spec"], [x["path"] for x in src["adapters"]]).model)
+        tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
+        with torch.no_grad():
+            names = list(_named_tensors(model(**tensors)))
+            module = NamedOutputs(model, list(tensors), names)
+            for _ in range(a.warmup):
+                module(**tensors)
+            times = []
+            for _ in range(a.iters):
+                t = time.perf_counter()
+                module(**tensors)
+                times.append(time.perf_counter() - t)
+    peak = _rss_kb("VmHWM")
+    print(json.dumps({"times": times, "peak_rss_mb": peak / 1024, "peak_over_imports_mb": (peak - base) / 1024}))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

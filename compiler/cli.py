@@ -1,0 +1,215 @@
+"""The `effc` command line. User errors print one line and exit 2; a failed check exits 1."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from effc.errors import EffcError, VerificationError
+
+
+class Group(click.Group):
+    """Turns EffcError into one line on stderr and an exit code; --debug shows the traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EffcError as e:
+            if ctx.meta.get("effc.debug"):
+                raise
+            click.echo(f"effc: error: {e}", err=True)
+            ctx.exit(1 if isinstance(e, VerificationError) else 2)
+
+
+@click.group(cls=Group)
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="effc")
+@click.pass_context
+def main(ctx, debug):
+    """effc: compile trained PyTorch models into smaller, faster, verified artifacts."""
+    ctx.meta["effc.debug"] = debug
+
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact directory to create.")
+@click.option("--adapter", "adapters", multiple=True, help="PEFT adapter directory to apply on the base (repeatable).")
+@click.option("--passes", "passes", multiple=True, help="Comma-separated passes, in order (see `effc passes`).")
+@click.option("--pass-config", "pass_config", multiple=True, help="pass.key=value (repeatable).")
+@click.option("--target", default="ort", show_default=True, help="onnx (portable) or ort (ONNX Runtime).")
+@click.option("--input-shapes", help="Example input shapes, e.g. input_ids:1x128,attention_mask:1x128.")
+@click.option("--atol", default=1e-4, show_default=True, help="Verification tolerance (absolute).")
+@click.option("--rtol", default=1e-3, show_default=True, help="Verification tolerance (relative).")
+@click.option("--no-verify", is_flag=True, help="Skip the check against eager PyTorch.")
+@click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the graph after each pass into this directory.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def compile(model, output, adapters, passes, pass_config, target, input_shapes, atol, rtol, no_verify, dump_ir,
+            force, as_json):
+    """Compile MODEL (Hugging Face model directory or module:callable) into an artifact directory."""
+    import effc
+    from effc.inputs import parse_shapes
+
+    report = effc.compile(model, output, adapters=adapters, passes=_split(passes), pass_config=pass_config,
+                          target=target, input_shapes=parse_shapes(input_shapes), verify=not no_verify, atol=atol,
+                          rtol=rtol, dump_ir=dump_ir, force=force, progress=_say)
+    click.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.table())
+    click.echo(f"wrote {output}", err=True)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and report as JSON.")
+def inspect(artifact, as_json):
+    """What is in ARTIFACT: inputs/outputs, operators, sizes, passes, verification."""
+    from effc.runtime.manifest import REPORT, read_manifest
+
+    manifest = read_manifest(artifact)
+    report = json.loads((artifact / REPORT).read_text()) if (artifact / REPORT).is_file() else {}
+    if as_json:
+        click.echo(json.dumps({"manifest": manifest, "report": report}, indent=2))
+        return
+    src = manifest["source"]
+    click.echo(f"artifact:  {artifact}  (format {manifest['format_version']}, effc {manifest['effc_version']}, {manifest['created']})")
+    click.echo(f"source:    {src['spec']}  sha256 {src['sha256'][:16]}…")
+    for a in src.get("adapters", []):
+        click.echo(f"adapter:   {a['path']}  sha256 {a['sha256'][:16]}…")
+    t = manifest["target"]
+    click.echo(f"target:    {t['name']}  " + "  ".join(f"{k}={v}" for k, v in t.items() if k != "name"))
+    click.echo("passes:    " + (", ".join(p["name"] for p in manifest["passes"]) or "(none)"))
+    for kind in ("inputs", "outputs"):
+        for io in manifest[kind]:
+            click.echo(f"{kind[:-1]:<10} {io['name']}: {io['dtype']}[{', '.join(map(str, io['shape']))}]")
+    click.echo("files:")
+    for name in manifest["files"]:
+        click.echo(f"  {name:<22} {(artifact / name).stat().st_size / 1e6:>10.3f} MB")
+    if report:
+        ops = report.get("onnx_ops", {})
+        click.echo(f"operators: {sum(ops.values())} nodes: " + ", ".join(f"{k} {v}" for k, v in ops.items()))
+        click.echo(f"weights:   {report['param_bytes_captured'] / 1e6:.3f} MB captured; artifact {report['artifact_bytes'] / 1e6:.3f} MB")
+        for p in report.get("passes", []):
+            changes = ", ".join(f"{k}: {v}" for k, v in p["counts"].items() if v) or "no change"
+            click.echo(f"pass {p['name']}: {changes}")
+    v = manifest.get("verification")
+    click.echo("verified:  " + (f"{'passed' if v['passed'] else 'FAILED'}, max |Δ| {v['max_abs']:.3g} vs eager PyTorch "
+                                f"(atol {v['atol']:g}, rtol {v['rtol']:g})" if v else "no (--no-verify)"))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--inputs", "inputs_npz", required=True, help=".npz of named input arrays.")
+@click.option("--save-outputs", type=click.Path(path_type=Path), help="Write the outputs to this .npz.")
+@click.option("--threads", type=int, help="Intra-op threads (default: ONNX Runtime's choice).")
+def run(artifact, inputs_npz, save_outputs, threads):
+    """Run ARTIFACT on the arrays in an .npz."""
+    import numpy as np
+
+    from effc.inputs import load_npz
+    from effc.runtime import open as open_artifact
+
+    feeds = load_npz(inputs_npz)
+    with open_artifact(artifact, threads=threads) as session:
+        outputs = session.run(feeds)
+    for name, value in outputs.items():
+        click.echo(f"{name}: {value.dtype}{list(value.shape)}  mean {float(np.mean(value)):.6g}  std {float(np.std(value)):.6g}")
+    if save_outputs:
+        np.savez(save_outputs, **outputs)
+        click.echo(f"wrote {save_outputs}", err=True)
+
+
+@main.group()
+def golden():
+    """Record reference outputs from eager PyTorch and check artifacts against them."""
+
+
+@golden.command("record")
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Golden .npz to write.")
+@click.option("--adapter", "adapters", multiple=True, help="PEFT adapter directory (repeatable).")
+@click.option("--inputs", "inputs_npz", help=".npz of inputs (default: made from the model's config).")
+@click.option("--input-shapes", help="Shapes for made-up inputs, e.g. input_ids:2x64.")
+def golden_record(model, output, adapters, inputs_npz, input_shapes):
+    """Run MODEL in eager PyTorch and save its inputs and outputs."""
+    from effc import golden as golden_mod
+    from effc.inputs import parse_shapes
+
+    outputs = golden_mod.record(model, output, adapters, inputs_npz, parse_shapes(input_shapes))
+    click.echo(f"wrote {output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
+
+
+@golden.command("check")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("golden_file", type=click.Path(path_type=Path))
+@click.option("--atol", type=float, help="Absolute tolerance (give with --rtol; default depends on precision).")
+@click.option("--rtol", type=float, help="Relative tolerance (give with --atol).")
+@click.option("--per-output", multiple=True, help="NAME:atol=X,rtol=Y for one output (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def golden_check(artifact, golden_file, atol, rtol, per_output, as_json):
+    """Check ARTIFACT against GOLDEN_FILE: exit 0 when every output is within tolerance, 1 when not."""
+    from effc import golden as golden_mod
+    from effc.runtime.compare import Tolerance
+
+    if (atol is None) != (rtol is None):
+        raise EffcError("give --atol and --rtol together, or neither for the precision-aware default")
+    tolerance = Tolerance(atol, rtol) if atol is not None else None
+    result = golden_mod.check(artifact, golden_file, tolerance, golden_mod.parse_per_output(per_output))
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
+    click.echo("golden check: " + ("PASSED" if result.passed else "FAILED: regression against the golden outputs"), err=True)
+    sys.exit(0 if result.passed else 1)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--vs-eager", is_flag=True, help="Also time the source model in eager PyTorch, in the same run.")
+@click.option("--inputs", "inputs_npz", help=".npz of inputs (default: made from the artifact's metadata).")
+@click.option("--batch", default=1, show_default=True)
+@click.option("--seq", default=128, show_default=True, help="Sequence length for made-up inputs.")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--warmup", default=5, show_default=True)
+@click.option("--iters", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(artifact, vs_eager, inputs_npz, batch, seq, threads, warmup, iters, as_json):
+    """Latency p50/p90, throughput and peak memory of ARTIFACT (and eager PyTorch with --vs-eager)."""
+    from effc import bench as bench_mod
+
+    results = bench_mod.bench(artifact, vs_eager, batch, seq, threads, warmup, iters, inputs_npz)
+    click.echo(json.dumps(results, indent=2) if as_json else bench_mod.table(results))
+
+
+@main.command("passes")
+def list_passes():
+    """The registered passes: name, IR level, what each needs, config keys."""
+    from effc.passes.registry import PASSES, pass_class
+
+    click.echo(f"{'pass':<14} {'level':<6} {'needs':<22} {'config (defaults)':<40} summary")
+    for name in sorted(PASSES):
+        cls = pass_class(name)
+        p = cls()
+        needs = ",".join(sorted(n.value for n in p.needs())) or "-"
+        config = ", ".join(f"{k}={v}" for k, v in p.config.to_dict().items()) or "-"
+        click.echo(f"{name:<14} {cls.level.value:<6} {needs:<22} {config:<40} {cls.summary}")
+
+
+@main.command("targets")
+def list_targets():
+    """The targets and whether each can build on this machine."""
+    import importlib
+
+    from effc.targets.base import TARGETS
+
+    for name, path in TARGETS.items():
+        module, _, attr = path.partition(":")
+        target = getattr(importlib.import_module(module), attr)()
+        reason = target.available()
+        click.echo(f"{name:<8} {target.summary}" + (f"  [unavailable: {reason}]" if reason else ""))

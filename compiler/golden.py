@@ -1,0 +1,99 @@
+"""Golden outputs: record what eager PyTorch computes on some inputs, and check an artifact against it.
+
+A golden file is a plain .npz (never pickled): `input/<name>` and `output/<name>` arrays plus an
+`effc_golden` JSON string saying where the outputs came from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from effc.errors import EffcError
+from effc.runtime.compare import Comparison, Tolerance, compare
+
+INPUT, OUTPUT, META = "input/", "output/", "effc_golden"
+
+
+def save(path: Path, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], meta: dict) -> None:
+    arrays = {INPUT + k: v for k, v in inputs.items()}
+    arrays.update({OUTPUT + k: v for k, v in outputs.items()})
+    arrays[META] = np.array(json.dumps(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    from effc.inputs import load_npz
+
+    arrays = load_npz(path)
+    inputs = {k[len(INPUT):]: v for k, v in arrays.items() if k.startswith(INPUT)}
+    outputs = {k[len(OUTPUT):]: v for k, v in arrays.items() if k.startswith(OUTPUT)}
+    if not inputs or not outputs:
+        raise EffcError(f"{path} is not an effc golden file (no input/ and output/ arrays); make one with `effc golden record`")
+    meta = json.loads(str(arrays[META])) if META in arrays else {}
+    return inputs, outputs, meta
+
+
+def record(source: str, output: str | Path, adapters=(), inputs_npz: str | None = None,
+           input_shapes: dict | None = None) -> dict[str, np.ndarray]:
+    """Run the eager model on the inputs (given, or made from its config) and save inputs + outputs."""
+    import torch
+
+    from effc import inputs as inputs_mod
+    from effc import sources
+    from effc.capture import NamedOutputs, _named_tensors, prepare, run_torch
+
+    src = sources.load(source, adapters)
+    model = prepare(src.model)
+    if inputs_npz:
+        feeds = {k: torch.from_numpy(v) for k, v in inputs_mod.load_npz(inputs_npz).items()}
+    else:
+        example = inputs_mod.example_inputs(model, src.config, input_shapes, src.example_inputs)
+        feeds = (inputs_mod.make_text_inputs(list(example), src.config, tuple(example["input_ids"].shape), seed=7, pad=True)
+                 if "input_ids" in example and src.config is not None else example)
+    try:
+        with torch.no_grad():
+            names = list(_named_tensors(model(**feeds)))
+    except TypeError as e:
+        raise EffcError(f"the inputs do not fit the model's forward ({e}); name the arrays as its arguments") from None
+    outputs = run_torch(NamedOutputs(model, list(feeds), names), feeds, names)
+    np_inputs = {k: v.numpy() for k, v in feeds.items()}
+    save(Path(output), np_inputs, outputs, {"source": src.describe(), "reference": "eager PyTorch (fp32)"})
+    return outputs
+
+
+def parse_per_output(items: list[str] | tuple[str, ...]) -> dict[str, Tolerance]:
+    """['logits:atol=1e-3,rtol=1e-2'] -> {'logits': Tolerance(1e-3, 1e-2)}; both numbers are required."""
+    out = {}
+    for item in items:
+        name, _, spec = item.partition(":")
+        values = {}
+        for part in filter(None, spec.split(",")):
+            key, _, num = part.partition("=")
+            try:
+                values[key.strip()] = float(num)
+            except ValueError:
+                values[key.strip()] = None
+        if not name or set(values) != {"atol", "rtol"} or None in values.values():
+            raise EffcError(f"--per-output {item!r} must be NAME:atol=X,rtol=Y (both numbers)")
+        out[name] = Tolerance(values["atol"], values["rtol"])
+    return out
+
+
+def check(artifact: str | Path, golden: str | Path, tolerance: Tolerance | None = None,
+          per_output: dict[str, Tolerance] | None = None) -> Comparison:
+    """Run the artifact on the golden inputs and compare against the golden outputs."""
+    from effc.runtime import open as open_artifact
+
+    inputs, outputs, _ = load(golden)
+    with open_artifact(artifact) as session:
+        unknown = sorted(set(per_output or {}) - set(outputs))
+        if unknown:
+            raise EffcError(f"--per-output names {', '.join(unknown)}, which {golden} has no output for; outputs: {', '.join(outputs)}")
+        got = session.run(inputs)
+    return compare(outputs, got, tolerance, per_output, attention_mask=inputs.get("attention_mask"))

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job end to end on the embedded default (a small Llama + a LoRA adapter, examples/default):
+# install, compile for ONNX Runtime with the adapter applied, golden-check it against eager PyTorch, benchmark.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash examples/install.sh
+export PATH="$PWD/.venv/bin:$PATH"
+set -x
+effc compile examples/default/model --adapter examples/default/adapter --passes cleanup --target ort \
+    -o out/default-ort --force
+effc inspect out/default-ort
+effc golden record examples/default/model --adapter examples/default/adapter --input-shapes input_ids:4x64 \
+    -o out/default-golden.npz
+effc golden check out/default-ort out/default-golden.npz
+effc bench out/default-ort --vs-eager --batch 1 --seq 128
