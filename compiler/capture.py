@@ -81,24 +81,44 @@ def _where(exc: BaseException) -> str:
     return f" at {m.group(1).split('site-packages/')[-1]}:{m.group(2)}" if m else ""
 
 
+def _export(wrapper, inputs, shapes) -> ExportedProgram:
+    with torch.no_grad():
+        return torch.export.export(wrapper, (), dict(inputs), dynamic_shapes=shapes, strict=False)
+
+
+def _capture_error(e: Exception) -> CaptureError:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    first = " ".join(lines[:2]) if lines else type(e).__name__
+    hint = ("; the model fixes a dim that effc made dynamic: try other --input-shapes"
+            if "Constraints violated" in first or "specialized" in first else "; report the model and op")
+    return CaptureError(f"torch.export failed{_where(e)}: {type(e).__name__}: {first[:400]}{hint}")
+
+
 def capture(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
             dynamic: dict[str, dict[int, str]]) -> Captured:
     model = prepare(model)
     with torch.no_grad():
         output_names = list(_named_tensors(model(**inputs)))
     wrapper = NamedOutputs(model, list(inputs), output_names).eval()
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     dims: dict[str, Dim] = {}
-    shapes = {name: {axis: dims.setdefault(dim, Dim(dim)) for axis, dim in axes.items()}
+    shapes = {name: {axis: dims.setdefault(dim, Dim(dim, max=limit) if dim == "sequence" and limit else Dim(dim))
+                     for axis, dim in axes.items()}
               for name, axes in dynamic.items()}
     try:
-        with torch.no_grad():
-            program = torch.export.export(wrapper, (), dict(inputs), dynamic_shapes=shapes, strict=False)
+        program = _export(wrapper, inputs, shapes)
+    except torch._dynamo.exc.UserError as e:
+        if "Suggested fixes" not in str(e):
+            raise _capture_error(e) from e
+        # The model bounds a dim (e.g. a position table): take torch's own suggested range and retry once.
+        from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+        try:
+            program = _export(wrapper, inputs, refine_dynamic_shapes_from_suggested_fixes(str(e), shapes))
+        except Exception as e2:
+            raise _capture_error(e2) from e2
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = ("; the model specializes a dynamic dim: try --static or other --input-shapes"
-                if "Constraints violated" in str(e) or "specialized" in str(e) else
-                "; try --static, or report the model and op")
-        raise CaptureError(f"torch.export failed{_where(e)}: {type(e).__name__}: {first[:300]}{hint}") from e
+        raise _capture_error(e) from e
     return Captured(program, wrapper, list(inputs), output_names, dynamic)
 
 
