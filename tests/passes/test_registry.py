@@ -1,0 +1,89 @@
+"""The pass registry: every entry imports and declares itself; the pipeline is validated before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from effc.errors import EffcError
+from effc.passes import registry
+from effc.passes.base import Level, Need, Pass, PassConfig
+
+
+@pytest.mark.parametrize("name", sorted(registry.PASSES))
+def test_every_pass_imports_and_declares(name):
+    cls = registry.pass_class(name)
+    assert cls.name == name
+    assert isinstance(cls.level, Level)
+    assert cls.summary
+    p = cls()
+    assert all(isinstance(n, Need) for n in p.needs())
+    assert issubclass(cls.config_class, PassConfig)
+    assert set(p.config.to_dict()) == set(cls.config_class.keys())
+
+
+@dataclass(frozen=True)
+class QuantConfig(PassConfig):
+    mode: Literal["dynamic", "static"] = "dynamic"
+    threshold: float | None = None
+    exclude: tuple[str, ...] = ()
+    bits: int = 8
+
+
+class Quant(Pass[QuantConfig]):
+    name = "quant"
+    level = Level.FX
+    config_class = QuantConfig
+    summary = "test pass"
+    after = ("merge",)
+
+    def needs(self):
+        return {Need.CALIBRATION} if self.config.mode == "static" else set()
+
+
+class Merge(Pass[PassConfig]):
+    name = "merge"
+    level = Level.FX
+    summary = "test pass"
+
+
+@pytest.fixture
+def fake_registry(monkeypatch):
+    classes = {"quant": Quant, "merge": Merge}
+    real = registry.pass_class
+    monkeypatch.setattr(registry, "pass_class", lambda n: classes[n] if n in classes else real(n))
+
+
+def test_config_values_are_typed(fake_registry):
+    (p,) = registry.resolve(["quant"], ["quant.threshold=6.0", "quant.exclude=lm_head,*.o_proj", "quant.bits=4"])
+    assert p.config == QuantConfig("dynamic", 6.0, ("lm_head", "*.o_proj"), 4)
+    (p,) = registry.resolve(["quant"], ["quant.threshold=none"])
+    assert p.config.threshold is None
+
+
+@pytest.mark.parametrize("items, message", [
+    (["quant.mode=fast"], "not one of dynamic, static"),
+    (["quant.bits=four"], "not an integer"),
+    (["quant.threshold=high"], "not a number"),
+    (["quant.colour=red"], "no config key 'colour'"),
+])
+def test_bad_config_is_rejected(fake_registry, items, message):
+    with pytest.raises(EffcError, match=message):
+        registry.resolve(["quant"], items)
+
+
+def test_needs_and_ordering_are_checked_together(fake_registry):
+    with pytest.raises(EffcError) as err:
+        registry.resolve(["quant", "merge", "nope"], ["quant.mode=static"])
+    text = str(err.value)
+    assert "unknown pass 'nope'" in text
+    assert "quant must run after merge" in text
+    assert "needs calibration" in text
+    registry.resolve(["merge", "quant"], ["quant.mode=static"], have={Need.EXAMPLE_INPUTS, Need.CALIBRATION})
+
+
+def test_duplicate_pass_is_rejected(fake_registry):
+    with pytest.raises(EffcError, match="twice"):
+        registry.resolve(["merge", "merge"])
