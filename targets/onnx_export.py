@@ -66,4 +66,18 @@ def export(program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
     _rename_dims(model, dynamic)
+    _strip_debug_metadata(model)
     return model
+
+
+# Kept: which module / fx node each ONNX node came from (the layer-wise debugger maps by these).
+# Dropped: stack traces and class lists, which hold build-machine paths and grow the file ~70%.
+_DEBUG_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy")
+
+
+def _strip_debug_metadata(model: onnx.ModelProto) -> None:
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if p.key not in _DEBUG_KEYS]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)

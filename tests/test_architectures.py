@@ -69,3 +69,18 @@ def test_onnx_target_uses_standard_ops_only(hf_dir, tmp_path):
 def test_factory_source(tmp_path):
     report = effc.compile("examples.models:tiny_gpt2", tmp_path / "gpt2", target="ort")
     assert report.source["kind"] == "factory" and report.verification["passed"]
+
+
+def test_large_models_use_external_data(hf_dir, tmp_path, monkeypatch):
+    """Past the 2 GB protobuf limit weights go to model.onnx.data; the limit is lowered here to test it."""
+    from effc.targets import onnx_export
+
+    monkeypatch.setattr(onnx_export, "TWO_GB", 0)
+    for target in ("onnx", "ort"):
+        report = effc.compile(str(hf_dir("gpt2")), tmp_path / target, target=target)
+        assert report.verification["passed"]
+        files = {p.name for p in (tmp_path / target).iterdir()}
+        assert {"model.onnx", "model.onnx.data"} <= files
+        assert (tmp_path / target / "model.onnx").stat().st_size < (tmp_path / target / "model.onnx.data").stat().st_size
+        with open_artifact(tmp_path / target) as session:
+            assert session.manifest["files"]["model.onnx.data"]
