@@ -116,6 +116,8 @@ def compile(  # noqa: A001 - the product's verb
 
     stage("load")
     src = sources.load(source, adapters)
+    for p in pipeline:
+        p.prepare(src)
     example = inputs_mod.example_inputs(src.model, src.config, input_shapes, src.example_inputs)
     done("load")
 

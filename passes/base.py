@@ -108,5 +108,8 @@ class Pass(Generic[C]):
         """What this pass needs with its current config (a static pass may need calibration data)."""
         return set()
 
+    def prepare(self, source: Any) -> None:
+        """Called with the loaded source before capture, for passes that configure the model itself."""
+
     def run(self, ir: Any, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError

@@ -68,3 +68,22 @@ def parameter_bytes(ep: ExportedProgram) -> int:
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
+
+
+def add_parameter(gm: torch.fx.GraphModule, signature: ExportGraphSignature, state_dict: dict,
+                  fqn: str, value: torch.Tensor) -> torch.fx.Node:
+    """A new parameter placeholder (after the existing weights, as export orders them) holding value."""
+    from torch.export.graph_signature import InputSpec, TensorArgument
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    weight_names = {s.arg.name for s in signature.input_specs if s.kind in _WEIGHT_KINDS}
+    last_weight = max((i for i, n in enumerate(placeholders) if n.name in weight_names), default=-1)
+    anchor = placeholders[last_weight + 1] if last_weight + 1 < len(placeholders) else None
+    with (gm.graph.inserting_before(anchor) if anchor is not None else gm.graph.inserting_after(placeholders[-1])):
+        node = gm.graph.placeholder("p_" + fqn.replace(".", "_"))
+    fake_mode = next(n.meta["val"].fake_mode for n in placeholders if hasattr(n.meta.get("val"), "fake_mode"))
+    node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
+    spec_index = sum(1 for s in signature.input_specs[: last_weight + 1])
+    signature.input_specs.insert(spec_index, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), fqn, None))
+    state_dict[fqn] = torch.nn.Parameter(value, requires_grad=False)
+    return node

@@ -9,6 +9,7 @@ from effc.passes.base import Need, Pass
 
 PASSES: dict[str, str] = {
     "cleanup": "effc.passes.cleanup:Cleanup",
+    "merge_lora": "effc.passes.merge_lora:MergeLora",
 }
 
 

@@ -1,0 +1,319 @@
+"""merge_lora: fold PEFT adapter layers into their base weights, on the captured graph.
+
+Every PEFT layer effc folds (LoRA, rsLoRA, DoRA, IA3, several adapters on one layer) is, in eval
+mode, an affine map of its input x: y = x W'^T + b'. The pass finds each layer's region of the graph
+(the nodes torch.export tagged with a peft.tuners module in nn_module_stack), folds the subgraphs
+that read only weights (DoRA's column norms, IA3's vectors) to constants, evaluates the rest
+symbolically as an affine map of x, and replaces the region with one linear(x, W', b'):
+
+    LoRA / rsLoRA   W' = W + s * B @ A          (s = alpha/r, or alpha/sqrt(r); read from the graph)
+    several         W' = W + sum_i s_i B_i A_i
+    DoRA            W' = m / ||W + s B A||_row * (W + s B A)
+    IA3             W' = diag(l) W (k/v: output rows) or W diag(l) (feed-forward: input columns)
+
+GPT-2's Conv1D (addmm with [in, out] weights) folds the same way. A region that is not affine in one
+input (e.g. LoRA on an embedding) is left as it is, and the report says which and why.
+Weighted combinations (`merge_lora.weights=0.7,0.3`) scale each adapter's delta before capture, so
+the eager reference and the merged artifact compute the same weighted model.
+
+Ordering: quantization passes must see merged weights, so merge_lora runs before int8/int4/nf4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from effc.errors import EffcError
+from effc.passes.base import Level, Pass, PassConfig, PassContext, PassResult
+from effc.passes.cleanup import ASSERTS, _is_noop
+from effc.passes.program import add_parameter, drop_unused_weights, edit, rebuild
+
+aten = torch.ops.aten
+PEFT_PREFIX = "peft.tuners."
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
+
+
+@dataclass(frozen=True)
+class MergeLoraConfig(PassConfig):
+    weights: tuple[float, ...] = ()  # one per --adapter: the merged delta is sum_i weights[i] * delta_i
+
+
+class NotAffine(Exception):
+    """The region computes something that is not an affine map of its input; the message says what."""
+
+
+class Affine:
+    """y = x @ M^T + c over the last dim. M is None (identity), a vector (diagonal) or a matrix [out, in]."""
+
+    def __init__(self, m: torch.Tensor | None, c: torch.Tensor | None, n_in: int):
+        self.m, self.c, self.n_in = m, c, n_in
+
+    @property
+    def n_out(self) -> int:
+        return self.n_in if self.m is None else self.m.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        if self.m is None:
+            return torch.eye(self.n_in, dtype=torch.float64)
+        return torch.diag(self.m) if self.m.dim() == 1 else self.m
+
+    def left(self, w: torch.Tensor) -> Affine:
+        """w @ (this map): a linear layer applied after it."""
+        w = w.double()
+        if self.m is None:
+            m = w
+        elif self.m.dim() == 1:
+            m = w * self.m[None, :]
+        else:
+            m = w @ self.m
+        return Affine(m, None if self.c is None else w @ self.c, self.n_in)
+
+    def scale(self, v: torch.Tensor) -> Affine:
+        """Multiply every output feature by v (a scalar or a vector over the output features)."""
+        v = v.double().reshape(-1)
+        if v.numel() not in (1, self.n_out):
+            raise NotAffine(f"multiplies by a tensor of {v.numel()} elements, not one per output feature")
+        if self.m is None:
+            m = v.expand(self.n_out).clone()
+        elif self.m.dim() == 1:
+            m = self.m * v
+        else:
+            m = self.m * v[:, None]
+        return Affine(m, None if self.c is None else self.c * v, self.n_in)
+
+    def plus(self, other: Affine) -> Affine:
+        if other.n_in != self.n_in or other.n_out != self.n_out:
+            raise NotAffine("adds maps of different shapes")
+        if self.m is not None and other.m is not None and self.m.dim() == 1 and other.m.dim() == 1:
+            m = self.m + other.m
+        else:
+            m = self.dense() + other.dense()
+        c = self.c if other.c is None else (other.c if self.c is None else self.c + other.c)
+        return Affine(m, c, self.n_in)
+
+    def shift(self, b: torch.Tensor) -> Affine:
+        b = b.double().reshape(-1)
+        if b.numel() not in (1, self.n_out):
+            raise NotAffine("adds a tensor that is not a bias over the output features")
+        b = b.expand(self.n_out)
+        return Affine(self.m, b if self.c is None else self.c + b, self.n_in)
+
+
+def _peft_module(node: torch.fx.Node) -> tuple[str, str] | None:
+    """(path, class) of the outermost PEFT layer this node was traced in, if any."""
+    for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+        name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+        if name.startswith(PEFT_PREFIX):
+            return path, name
+    return None
+
+
+def _kind(nodes: list[torch.fx.Node], cls: str) -> str:
+    classes = {c if isinstance(c, str) else c.__qualname__ for n in nodes
+               for _, c in (n.meta.get("nn_module_stack") or {}).values()}
+    if any("Dora" in c for c in classes):
+        return "DoRA"
+    return "IA3" if ".ia3." in cls else "LoRA" if ".lora." in cls else cls.rsplit(".", 1)[-1]
+
+
+class _Evaluator:
+    """Constant-folds weight-only subgraphs and evaluates a region as an affine map of its input."""
+
+    def __init__(self, graph: torch.fx.Graph, weights: dict[str, torch.Tensor]):
+        self.weights = weights  # placeholder name -> tensor
+        self.consts: dict[torch.fx.Node, object] = {}
+        # Nodes computed from weights alone, found in one pass in graph order (no deep recursion later).
+        self.constant: set[torch.fx.Node] = set()
+        for node in graph.nodes:
+            if node.op == "placeholder" and node.name in weights:
+                self.constant.add(node)
+            elif (node.op == "call_function" and node.target not in ASSERTS
+                  and not isinstance(node.meta.get("val"), torch.SymInt)
+                  and all(a in self.constant for a in node.all_input_nodes)):
+                self.constant.add(node)
+
+    def const(self, node) -> object:
+        """The value of a node that depends on weights only; raises NotAffine when it depends on inputs."""
+        if not isinstance(node, torch.fx.Node):
+            return node
+        if node not in self.constant:
+            raise NotAffine(f"{node.name} depends on a model input")
+        if node not in self.consts:
+            if node.op == "placeholder":
+                self.consts[node] = self.weights[node.name]
+            else:
+                args = torch.fx.node.map_arg(node.args, self.const)
+                kwargs = torch.fx.node.map_arg(node.kwargs, self.const)
+                with torch.no_grad():
+                    self.consts[node] = node.target(*args, **kwargs)
+        return self.consts[node]
+
+    def region(self, nodes: list[torch.fx.Node], x: torch.fx.Node) -> dict[torch.fx.Node, object]:
+        in_region = set(nodes)
+        n_in = x.meta["val"].shape[-1]
+        values: dict[torch.fx.Node, object] = {x: Affine(None, None, int(n_in))}
+
+        def value(a):
+            if isinstance(a, torch.fx.Node) and a in values:
+                return values[a]
+            if isinstance(a, torch.fx.Node) and a in in_region:
+                raise NotAffine(f"{a.name} was not evaluated")
+            return self.const(a)
+
+        for node in nodes:
+            if node.target in ASSERTS:
+                continue
+            args = [value(a) if isinstance(a, torch.fx.Node) else a for a in node.args]
+            if not any(isinstance(a, Affine) for a in args):
+                values[node] = self.const(node)
+                continue
+            values[node] = self._step(node, args)
+        return values
+
+    @staticmethod
+    def _step(node: torch.fx.Node, args: list) -> Affine:
+        t = node.target
+        if _is_noop(node):
+            return args[0]
+        if t is aten.linear.default:
+            h, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else None
+            if not isinstance(h, Affine) or isinstance(w, Affine):
+                raise NotAffine("linear whose weight depends on the input")
+            out = h.left(w)
+            return out if bias is None else out.shift(bias)
+        if t is aten.addmm.default and isinstance(args[1], Affine) and not isinstance(args[2], Affine):
+            return args[1].left(args[2].t()).shift(args[0])
+        if t is aten.mm.default and isinstance(args[0], Affine) and not isinstance(args[1], Affine):
+            return args[0].left(args[1].t())
+        if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+            a, b = args
+            if isinstance(a, Affine) and isinstance(b, Affine):
+                raise NotAffine("multiplies the input by itself")
+            h, v = (a, b) if isinstance(a, Affine) else (b, a)
+            if t in (aten.div.Tensor, aten.div.Scalar):
+                if h is not a:
+                    raise NotAffine("divides by the input")
+                v = 1.0 / torch.as_tensor(v, dtype=torch.float64)
+            return h.scale(torch.as_tensor(v))
+        if t in (aten.add.Tensor, aten.sub.Tensor):
+            a, b = args[0], args[1]
+            alpha = node.kwargs.get("alpha", 1) * (-1 if t is aten.sub.Tensor else 1)
+            if isinstance(b, Affine):
+                b = b.scale(torch.tensor(float(alpha)))
+            elif not isinstance(b, Affine):
+                b = torch.as_tensor(b) * alpha
+            if isinstance(a, Affine) and isinstance(b, Affine):
+                return a.plus(b)
+            return a.shift(b) if isinstance(a, Affine) else b.shift(torch.as_tensor(a))
+        if t is aten.neg.default:
+            return args[0].scale(torch.tensor(-1.0))
+        if t in VIEWS or t in (aten.unsqueeze.default, aten.squeeze.dim):
+            src, out = node.args[0].meta.get("val"), node.meta.get("val")
+            if src is not None and out is not None and out.shape[-1] == src.shape[-1]:
+                return args[0]  # only leading dims change: the per-row map is the same
+            raise NotAffine(f"{node.name} reshapes the feature dimension")
+        raise NotAffine(f"{node.name} ({t}) is not affine")
+
+
+class MergeLora(Pass[MergeLoraConfig]):
+    name = "merge_lora"
+    level = Level.FX
+    config_class = MergeLoraConfig
+    summary = "fold LoRA/rsLoRA/DoRA/IA3 adapters (weighted, several at once) into the base weights"
+    before = ("int8", "int4", "nf4")
+
+    def prepare(self, source) -> None:
+        """Apply merge_lora.weights to the adapters' scaling before capture (eager and graph alike)."""
+        weights = self.config.weights
+        if not weights:
+            return
+        names = [a["name"] for a in source.adapters]
+        if len(weights) != len(names):
+            raise EffcError(f"merge_lora.weights has {len(weights)} values for {len(names)} --adapter directories; "
+                            "give one weight per adapter")
+        scaled = 0
+        for module in source.model.modules():
+            scaling = getattr(module, "scaling", None)
+            if isinstance(scaling, dict) and hasattr(module, "lora_A"):
+                for name, w in zip(names, weights):
+                    if name in scaling:
+                        scaling[name] *= w
+                        scaled += 1
+        if not scaled:
+            raise EffcError("merge_lora.weights applies to LoRA adapters; none of the given adapters is LoRA")
+
+    def run(self, ep, ctx: PassContext) -> PassResult:
+        gm, signature, state_dict, constants = edit(ep)
+        graph = gm.graph
+        weights = {}
+        for spec in signature.input_specs:
+            if hasattr(spec.arg, "name") and spec.target is not None:
+                value = state_dict.get(spec.target, constants.get(spec.target))
+                if isinstance(value, torch.Tensor):
+                    weights[spec.arg.name] = value
+        regions: dict[str, list[torch.fx.Node]] = {}
+        classes: dict[str, str] = {}
+        for node in graph.nodes:
+            found = _peft_module(node) if node.op == "call_function" else None
+            if found:
+                regions.setdefault(found[0], []).append(node)
+                classes[found[0]] = found[1]
+        evaluator = _Evaluator(graph, weights)
+        counts: dict[str, int] = {}
+        notes: list[str] = []
+        for path, nodes in regions.items():
+            kind = _kind(nodes, classes[path])
+            try:
+                self._merge(gm, signature, state_dict, evaluator, path, nodes)
+                counts[f"{kind} layers merged"] = counts.get(f"{kind} layers merged", 0) + 1
+            except NotAffine as e:
+                counts["layers left unmerged"] = counts.get("layers left unmerged", 0) + 1
+                notes.append(f"{path} ({kind}) left unmerged: {e}")
+        graph.eliminate_dead_code()
+        counts["weights dropped (adapters and replaced bases)"] = drop_unused_weights(gm, signature, state_dict, constants)
+        changed = bool(regions)
+        return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
+
+    @staticmethod
+    def _merge(gm, signature, state_dict, evaluator: _Evaluator, path: str, nodes: list[torch.fx.Node]) -> None:
+        in_region = set(nodes)
+        inputs = {a for n in nodes for a in n.all_input_nodes if a not in in_region
+                  and isinstance(a.meta.get("val"), torch.Tensor) and a not in evaluator.constant}
+        outputs = [n for n in nodes if any(u not in in_region for u in n.users)]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise NotAffine(f"has {len(inputs)} inputs and {len(outputs)} outputs, not one of each")
+        (x,), (out,) = inputs, outputs
+        if not x.meta["val"].is_floating_point():
+            raise NotAffine("its input is not a float tensor (embedding lookups are not folded)")
+        affine = evaluator.region(nodes, x)[out]
+        if not isinstance(affine, Affine) or affine.m is None:
+            raise NotAffine("computes no linear layer")
+        dtype = out.meta["val"].dtype
+        w_node = add_parameter(gm, signature, state_dict, _free_name(state_dict, f"{path}.weight"),
+                               affine.dense().to(dtype).contiguous())
+        b_node = None
+        if affine.c is not None:
+            b_node = add_parameter(gm, signature, state_dict, _free_name(state_dict, f"{path}.bias"),
+                                   affine.c.to(dtype).contiguous())
+        with gm.graph.inserting_before(out):
+            linear = gm.graph.call_function(aten.linear.default, (x, w_node) + ((b_node,) if b_node is not None else ()))
+        fake = x.meta["val"].fake_mode
+        with fake:
+            linear.meta["val"] = aten.linear.default(x.meta["val"], w_node.meta["val"],
+                                                     *([b_node.meta["val"]] if b_node is not None else []))
+        stack = out.meta.get("nn_module_stack") or {}
+        linear.meta["nn_module_stack"] = {k: v for k, v in stack.items() if not v[0].startswith(path + ".")}
+        out.replace_all_uses_with(linear)
+        for node in reversed(nodes):
+            if not node.users:
+                gm.graph.erase_node(node)
+
+
+def _free_name(state_dict: dict, name: str) -> str:
+    i, candidate = 1, name
+    while candidate in state_dict:
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
