@@ -82,9 +82,9 @@ def apply_adapters(base: torch.nn.Module, adapter_dirs: list[Path]) -> tuple[tor
     described = []
     names = []
     model = None
-    for i, adapter_dir in enumerate(adapter_dirs):
+    for adapter_dir in adapter_dirs:
         check_fits(base, adapter_dir)
-        name = f"adapter{i}"
+        name = _unique_name(adapter_dir, names)
         try:
             if model is None:
                 model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name, is_trainable=False)
@@ -97,3 +97,12 @@ def apply_adapters(base: torch.nn.Module, adapter_dirs: list[Path]) -> tuple[tor
         described.append({"name": name, "path": str(adapter_dir), "sha256": sha256_tree(adapter_dir)})
     model.base_model.set_adapter(names if len(names) > 1 else names[0])
     return model.base_model.model, described
+
+
+def _unique_name(adapter_dir: Path, taken: list[str]) -> str:
+    """The adapter's directory name as a peft adapter name (no dots), made unique."""
+    base = re.sub(r"\W", "_", adapter_dir.resolve().name) or "adapter"
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name

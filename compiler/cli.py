@@ -88,6 +88,10 @@ def inspect(artifact, as_json):
     t = manifest["target"]
     click.echo(f"target:    {t['name']}  " + "  ".join(f"{k}={v}" for k, v in t.items() if k != "name"))
     click.echo("passes:    " + (", ".join(p["name"] for p in manifest["passes"]) or "(none)"))
+    if manifest.get("adapters"):
+        a = manifest["adapters"]
+        click.echo(f"adapters:  {', '.join(a['files'])} (switchable; default {a['default']}; "
+                   f"{len(a['inputs'])} weight inputs; select with `effc run --adapter NAME`)")
     for kind in ("inputs", "outputs"):
         for io in manifest[kind]:
             click.echo(f"{kind[:-1]:<10} {io['name']}: {io['dtype']}[{', '.join(map(str, io['shape']))}]")
@@ -111,7 +115,8 @@ def inspect(artifact, as_json):
 @click.option("--inputs", "inputs_npz", required=True, help=".npz of named input arrays.")
 @click.option("--save-outputs", type=click.Path(path_type=Path), help="Write the outputs to this .npz.")
 @click.option("--threads", type=int, help="Intra-op threads (default: ONNX Runtime's choice).")
-def run(artifact, inputs_npz, save_outputs, threads):
+@click.option("--adapter", help="Switchable adapter to run with (see `effc inspect`).")
+def run(artifact, inputs_npz, save_outputs, threads, adapter):
     """Run ARTIFACT on the arrays in an .npz."""
     import numpy as np
 
@@ -119,7 +124,7 @@ def run(artifact, inputs_npz, save_outputs, threads):
     from effc.runtime import open as open_artifact
 
     feeds = load_npz(inputs_npz)
-    with open_artifact(artifact, threads=threads) as session:
+    with open_artifact(artifact, threads=threads, adapter=adapter) as session:
         outputs = session.run(feeds)
     for name, value in outputs.items():
         click.echo(f"{name}: {value.dtype}{list(value.shape)}  mean {float(np.mean(value)):.6g}  std {float(np.std(value)):.6g}")

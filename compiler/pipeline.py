@@ -47,6 +47,7 @@ def _verification_inputs(example: dict[str, torch.Tensor], config) -> list[dict[
 
 
 def _io_metadata(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    """User inputs and outputs; inputs backed by an initializer (switchable weights) are not user inputs."""
     def describe(values):
         out = []
         for v in values:
@@ -55,7 +56,22 @@ def _io_metadata(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
             shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
             out.append({"name": v.name, "dtype": dtype, "shape": shape})
         return out
-    return describe(model.graph.input), describe(model.graph.output)
+    inits = {t.name for t in model.graph.initializer}
+    return describe([i for i in model.graph.input if i.name not in inits]), describe(model.graph.output)
+
+
+def _write_weight_sets(root: Path, sets: dict[str, dict]) -> dict | None:
+    """adapters/<name>.safetensors for each switchable weight set; the manifest entry that lists them."""
+    if not sets:
+        return None
+    from safetensors.numpy import save_file
+
+    (root / "adapters").mkdir()
+    files = {}
+    for name, arrays in sets.items():
+        files[name] = f"adapters/{name}.safetensors"
+        save_file({k: v for k, v in arrays.items()}, str(root / files[name]))
+    return {"default": next(iter(sets)), "files": files, "inputs": sorted(next(iter(sets.values())))}
 
 
 def _prepare_output(output: Path, force: bool) -> None:
@@ -157,7 +173,9 @@ def compile(  # noqa: A001 - the product's verb
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         stage(f"build {target}")
-        built = target_impl.build(program, example, captured.output_names, captured.dynamic, tmp)
+        built = target_impl.build(program, example, captured.output_names, captured.dynamic, tmp,
+                                  overridable=frozenset(next(iter(ctx.weight_sets.values()), {})))
+        weight_sets = _write_weight_sets(tmp, ctx.weight_sets)
         done(f"build {target}")
         model_proto = onnx.load(str(tmp / built.model_file), load_external_data=False)
         report.onnx_ops = dict(Counter(
@@ -174,11 +192,16 @@ def compile(  # noqa: A001 - the product's verb
             "inputs": io_in,
             "outputs": io_out,
         }
+        if weight_sets:
+            manifest["adapters"] = weight_sets
         write_manifest(tmp, manifest)  # provisional, so the runtime can open it for verification
 
         if verify:
             stage("verify")
             report.verification = _verify(tmp, check_sets, references, atol, rtol)
+            if weight_sets and report.verification["passed"]:
+                report.verification["adapters"] = _verify_adapters(tmp, src, captured, check_sets[0], atol, rtol)
+                report.verification["passed"] = all(v["passed"] for v in report.verification["adapters"].values())
             done("verify")
             if not report.verification["passed"]:
                 worst = max(report.verification["outputs"], key=lambda o: o["max_abs"])
@@ -197,6 +220,24 @@ def compile(  # noqa: A001 - the product's verb
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _verify_adapters(artifact: Path, src, captured, feeds, atol: float, rtol: float) -> dict:
+    """Each switchable adapter selected at run time against the eager model with that adapter active."""
+    from effc.runtime.session import Session
+
+    results = {}
+    np_feeds = {k: v.numpy() for k, v in feeds.items()}
+    with Session(artifact, verify_hashes=False) as session:
+        for name in session.adapter_names():
+            for module in src.model.modules():
+                if hasattr(module, "lora_A") and hasattr(module, "set_adapter"):
+                    module.set_adapter(name)
+            ref = run_torch(captured.module, feeds, captured.output_names)
+            result = compare(ref, session.run(np_feeds, adapter=name), Tolerance(atol, rtol),
+                             attention_mask=np_feeds.get("attention_mask"))
+            results[name] = {"passed": result.passed, "max_abs": result.max_abs}
+    return results
 
 
 def _verify(artifact: Path, check_sets, references, atol: float, rtol: float) -> dict:

@@ -85,6 +85,9 @@ class PassContext:
     calibration: Any = None
     source: Any = None
     log: Any = print
+    # Weight sets the runtime swaps in per run (switchable adapters): set name -> parameter name -> array.
+    # Their parameters become overridable ONNX initializers; the first set is the default.
+    weight_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 C = TypeVar("C", bound=PassConfig)

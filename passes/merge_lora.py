@@ -16,12 +16,21 @@ input (e.g. LoRA on an embedding) is left as it is, and the report says which an
 Weighted combinations (`merge_lora.weights=0.7,0.3`) scale each adapter's delta before capture, so
 the eager reference and the merged artifact compute the same weighted model.
 
+Switchable mode (`merge_lora.mode=switchable`, LoRA/rsLoRA adapters) keeps the base weights shared and
+one LoRA branch per layer, rewritten as x @ A_t @ B_t (scale folded into B_t, ranks zero-padded to the
+largest). A_t/B_t become overridable ONNX initializers (graph inputs with the first adapter as default)
+and every adapter is stored as its own small weight set; the runtime feeds the selected set with each
+run, so switching adapters costs neither a recompile nor a new session. Per-run inputs, rather than
+initializers swapped at session creation, because a session per adapter would hold N copies of the
+base weights' prepacked buffers and make a switch cost a session start.
+
 Ordering: quantization passes must see merged weights, so merge_lora runs before int8/int4/nf4.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -37,7 +46,8 @@ VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, ate
 
 @dataclass(frozen=True)
 class MergeLoraConfig(PassConfig):
-    weights: tuple[float, ...] = ()  # one per --adapter: the merged delta is sum_i weights[i] * delta_i
+    mode: Literal["merge", "switchable"] = "merge"
+    weights: tuple[float, ...] = ()  # merge mode, one per --adapter: the merged delta is sum_i weights[i] * delta_i
 
 
 class NotAffine(Exception):
@@ -226,7 +236,11 @@ class MergeLora(Pass[MergeLoraConfig]):
     before = ("int8", "int4", "nf4")
 
     def prepare(self, source) -> None:
-        """Apply merge_lora.weights to the adapters' scaling before capture (eager and graph alike)."""
+        """Merge mode: apply merge_lora.weights to the adapters' scaling before capture (eager and graph
+        alike). Switchable mode: keep the first adapter active and collect every adapter's factors."""
+        if self.config.mode == "switchable":
+            self._collect_switchable(source)
+            return
         weights = self.config.weights
         if not weights:
             return
@@ -245,7 +259,34 @@ class MergeLora(Pass[MergeLoraConfig]):
         if not scaled:
             raise EffcError("merge_lora.weights applies to LoRA adapters; none of the given adapters is LoRA")
 
+    def _collect_switchable(self, source) -> None:
+        names = [a["name"] for a in source.adapters]
+        if not names:
+            raise EffcError("merge_lora.mode=switchable needs at least one --adapter")
+        if self.config.weights:
+            raise EffcError("merge_lora.weights combines adapters in merge mode; switchable mode keeps them apart")
+        self.adapter_names = names
+        self.factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # path -> adapter -> (A, s*B)
+        for path, module in source.model.named_modules():
+            cls = f"{type(module).__module__}.{type(module).__qualname__}"
+            if not cls.startswith(PEFT_PREFIX):
+                continue
+            dora = getattr(module, "lora_magnitude_vector", None)
+            if ".lora." not in cls or (dora is not None and len(dora)) or not hasattr(module, "lora_A"):
+                raise EffcError(f"merge_lora.mode=switchable supports LoRA and rsLoRA adapters; {path} is "
+                                f"{type(module).__name__}{' (DoRA)' if dora else ''}: merge it instead")
+            if "lora_A" in dict(module.named_children()) and any(n not in module.lora_A for n in names):
+                missing = [n for n in names if n not in module.lora_A]
+                raise EffcError(f"switchable adapters must target the same modules: {path} has no LoRA from "
+                                f"adapter(s) {', '.join(missing)}")
+            self.factors["model." + path] = {
+                n: (module.lora_A[n].weight.detach().clone(), module.lora_B[n].weight.detach() * module.scaling[n])
+                for n in names}
+            module.set_adapter(names[0])
+
     def run(self, ep, ctx: PassContext) -> PassResult:
+        if self.config.mode == "switchable":
+            return self._run_switchable(ep, ctx)
         gm, signature, state_dict, constants = edit(ep)
         graph = gm.graph
         weights = {}
@@ -276,6 +317,56 @@ class MergeLora(Pass[MergeLoraConfig]):
         counts["weights dropped (adapters and replaced bases)"] = drop_unused_weights(gm, signature, state_dict, constants)
         changed = bool(regions)
         return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
+
+    def _run_switchable(self, ep, ctx: PassContext) -> PassResult:
+        """Rewrite each LoRA branch linear(linear(x, A), B) * s as matmul(matmul(x, A_t), B_t)."""
+        gm, signature, state_dict, constants = edit(ep)
+        graph = gm.graph
+        targets = {n.name: s.target for s in signature.input_specs for n in graph.nodes
+                   if n.op == "placeholder" and hasattr(s.arg, "name") and s.arg.name == n.name}
+        first = self.adapter_names[0]
+        sets: dict[str, dict[str, object]] = {n: {} for n in self.adapter_names}
+        rewritten = 0
+        for path, factors in self.factors.items():
+            a_target = f"{path}.lora_A.{first}.weight"
+            la = next((n for n in graph.nodes if n.target is aten.linear.default
+                       and targets.get(getattr(n.args[1], "name", None)) == a_target), None)
+            if la is None or len(la.users) != 1:
+                raise EffcError(f"switchable: the LoRA branch of {path} was not found in the captured graph")
+            (lb,) = la.users
+            end = lb
+            if len(lb.users) == 1 and next(iter(lb.users)).target in (aten.mul.Tensor, aten.mul.Scalar):
+                end = next(iter(lb.users))  # the scale, folded into B_t
+            rank = max(a.shape[0] for a, _ in factors.values())
+            padded = {}
+            for name, (a, b) in factors.items():
+                a_t = torch.zeros(a.shape[1], rank, dtype=a.dtype)
+                a_t[:, : a.shape[0]] = a.t()
+                b_t = torch.zeros(rank, b.shape[0], dtype=b.dtype)
+                b_t[: b.shape[1]] = b.t()
+                padded[name] = (a_t, b_t)
+            a_node = add_parameter(gm, signature, state_dict, f"{path}.lora_A_t", padded[first][0].contiguous())
+            b_node = add_parameter(gm, signature, state_dict, f"{path}.lora_B_t", padded[first][1].contiguous())
+            for name, (a_t, b_t) in padded.items():
+                sets[name][f"{path}.lora_A_t"] = a_t.numpy()
+                sets[name][f"{path}.lora_B_t"] = b_t.numpy()
+            with graph.inserting_before(end):
+                down = graph.call_function(aten.matmul.default, (la.args[0], a_node))
+                up = graph.call_function(aten.matmul.default, (down, b_node))
+            with la.args[0].meta["val"].fake_mode:
+                down.meta["val"] = aten.matmul.default(la.args[0].meta["val"], a_node.meta["val"])
+                up.meta["val"] = aten.matmul.default(down.meta["val"], b_node.meta["val"])
+            for node in (down, up):
+                node.meta["nn_module_stack"] = la.meta.get("nn_module_stack", {})
+            end.replace_all_uses_with(up)
+            for node in dict.fromkeys([end, lb, la]):
+                graph.erase_node(node)
+            rewritten += 1
+        graph.eliminate_dead_code()
+        counts = {"LoRA layers made switchable": rewritten, "adapters": len(sets),
+                  "weights dropped": drop_unused_weights(gm, signature, state_dict, constants)}
+        ctx.weight_sets.update(sets)
+        return PassResult(rebuild(ep, gm, signature, state_dict, constants), True, counts)
 
     @staticmethod
     def _merge(gm, signature, state_dict, evaluator: _Evaluator, path: str, nodes: list[torch.fx.Node]) -> None:

@@ -44,6 +44,7 @@ class Session:
         self.inputs = [TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in self.manifest["inputs"]]
         self.outputs = [TensorInfo(o["name"], o["dtype"], tuple(o["shape"])) for o in self.manifest["outputs"]]
         opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # switchable adapters are overridable initializers by design
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
@@ -53,6 +54,9 @@ class Session:
             # The graph was optimized at build time; doing it again only costs start-up.
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.providers = providers or available_providers()
+        self._adapters = self.manifest.get("adapters") or {}
+        self._weight_sets: dict[str, dict[str, np.ndarray]] = {}
+        self.adapter = self._adapters.get("default")
         model = self.path / self.manifest["model_file"]
         try:
             self._session = ort.InferenceSession(str(model), sess_options=opts, providers=self.providers)
@@ -73,6 +77,28 @@ class Session:
 
     def output_metadata(self) -> list[TensorInfo]:
         return list(self.outputs)
+
+    def adapter_names(self) -> list[str]:
+        """The switchable adapters this artifact carries (empty for a merged or adapter-free artifact)."""
+        return list(self._adapters.get("files", {}))
+
+    def select_adapter(self, name: str) -> None:
+        """Make `name` the adapter used by later runs. No new session: its weights are fed with each run."""
+        self._weights(name)
+        self.adapter = name
+
+    def _weights(self, name: str | None) -> dict[str, np.ndarray]:
+        if name is None:
+            return {}
+        files = self._adapters.get("files", {})
+        if name not in files:
+            have = ", ".join(files) or "none (this artifact has no switchable adapters)"
+            raise EffcError(f"no adapter {name!r} in {self.path}; adapters: {have}")
+        if name not in self._weight_sets:
+            from safetensors.numpy import load_file
+
+            self._weight_sets[name] = load_file(str(self.path / files[name]))
+        return self._weight_sets[name]
 
     def validate(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check names, dtypes, ranks and fixed dims; dynamic dims of the same name must agree."""
@@ -103,8 +129,10 @@ class Session:
             out[name] = arr
         return out
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], adapter: str | None = None) -> dict[str, np.ndarray]:
+        """Run once; `adapter` picks a switchable adapter for this run only (default: the selected one)."""
         feeds = self.validate(feeds)
+        feeds.update(self._weights(adapter or self.adapter))
         names = [o.name for o in self.outputs]
         values = self._session.run(names, feeds)
         return dict(zip(names, values))
@@ -116,6 +144,7 @@ class Session:
     def time(self, feeds: dict[str, np.ndarray], iters: int) -> list[float]:
         """Seconds per run, inputs validated once up front so only the model is timed."""
         feeds = self.validate(feeds)
+        feeds.update(self._weights(self.adapter))
         names = [o.name for o in self.outputs]
         times = []
         for _ in range(iters):
@@ -125,6 +154,10 @@ class Session:
         return times
 
 
-def open(path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> Session:  # noqa: A001
+def open(path: str | Path, providers: list[str] | None = None, threads: int | None = None,  # noqa: A001
+         adapter: str | None = None) -> Session:
     """Open an artifact after checking every file against the sha256 in its manifest."""
-    return Session(path, providers=providers, threads=threads)
+    session = Session(path, providers=providers, threads=threads)
+    if adapter is not None:
+        session.select_adapter(adapter)
+    return session

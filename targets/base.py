@@ -32,7 +32,8 @@ class Target:
         return {}
 
     def build(self, program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor],
-              output_names: list[str], dynamic: dict[str, dict[int, str]], out_dir: Path) -> BuildResult:
+              output_names: list[str], dynamic: dict[str, dict[int, str]], out_dir: Path,
+              overridable: frozenset[str] = frozenset()) -> BuildResult:
         raise NotImplementedError
 
 

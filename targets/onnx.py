@@ -15,8 +15,10 @@ class OnnxTarget(Target):
     name = "onnx"
     summary = "portable ONNX (standard opset only)"
 
-    def build(self, program, inputs, output_names, dynamic, out_dir: Path) -> BuildResult:
-        model = onnx_export.export(program, inputs, output_names, dynamic, self.translations())
+    def build(self, program, inputs, output_names, dynamic, out_dir: Path,
+              overridable: frozenset[str] = frozenset()) -> BuildResult:
+        model = onnx_export.export(program, inputs, output_names, dynamic, self.translations(),
+                                   overridable=overridable)
         custom = sorted({n.domain for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
         if custom:
             raise EffcError(f"the graph uses operators outside the standard ONNX opset ({', '.join(custom)}); "

@@ -48,8 +48,11 @@ def save(model: onnx.ModelProto, path: Path) -> list[str]:
 
 def export(program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor], output_names: list[str],
            dynamic: dict[str, dict[int, str]], translations: dict | None = None,
-           opset: int = OPSET) -> onnx.ModelProto:
-    """Translate the program to ONNX (functions inlined, dims named) and return it in memory."""
+           opset: int = OPSET, overridable: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """Translate the program to ONNX (functions inlined, dims named) and return it in memory.
+
+    Parameters named in `overridable` stay initializers (their defaults) and are also listed as graph
+    inputs, so a run can feed other values (switchable weight sets)."""
     for name in ("torch.onnx", "torch.export", "torch._export"):
         logging.getLogger(name).setLevel(logging.ERROR)
     sink = io.StringIO()
@@ -67,7 +70,21 @@ def export(program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor
         model = onnx.inliner.inline_local_functions(model)
     _rename_dims(model, dynamic)
     _strip_debug_metadata(model)
+    _make_overridable(model, overridable)
     return model
+
+
+def _make_overridable(model: onnx.ModelProto, names: frozenset[str]) -> None:
+    if not names:
+        return
+    inits = {t.name: t for t in model.graph.initializer}
+    missing = sorted(set(names) - set(inits))
+    if missing:
+        raise EffcError(f"the ONNX exporter renamed or folded switchable weights ({', '.join(missing[:3])}); "
+                        "they cannot be fed at run time")
+    for name in sorted(names):
+        t = inits[name]
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
 
 
 # Kept: which module / fx node each ONNX node came from (the layer-wise debugger maps by these).

@@ -19,15 +19,18 @@ class OrtTarget(Target):
     name = "ort"
     summary = "ONNX Runtime: ORT-optimized graph, contrib ops allowed"
 
-    def build(self, program, inputs, output_names, dynamic, out_dir: Path) -> BuildResult:
+    def build(self, program, inputs, output_names, dynamic, out_dir: Path,
+              overridable: frozenset[str] = frozenset()) -> BuildResult:
         import onnxruntime as ort
 
-        model = onnx_export.export(program, inputs, output_names, dynamic, self.translations())
+        model = onnx_export.export(program, inputs, output_names, dynamic, self.translations(),
+                                   overridable=overridable)
         providers = available_providers()
         with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
             raw = Path(tmp) / "raw.onnx"
             external = onnx_export.save(model, raw)
             opts = ort.SessionOptions()
+            opts.log_severity_level = 3  # overridable initializers are intended; don't warn about them
             opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVEL)
             opts.optimized_model_filepath = str(out_dir / "model.onnx")
             files = ["model.onnx"]

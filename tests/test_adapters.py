@@ -34,7 +34,7 @@ def test_default_adapter_matches_peft(default_model, tmp_path):
 def test_two_adapters_are_both_active(default_model, tmp_path):
     model_dir, adapter_dir = default_model
     src = load(str(model_dir), [str(adapter_dir), str(adapter_dir)])
-    assert [a["name"] for a in src.adapters] == ["adapter0", "adapter1"]
+    assert [a["name"] for a in src.adapters] == ["adapter", "adapter_1"]  # named by directory, made unique
     feeds = make_text_inputs(["input_ids"], src.config, (1, 8))
     single = load(str(model_dir), [str(adapter_dir)])
     base = load(str(model_dir))

@@ -159,3 +159,72 @@ def test_embedding_lora_is_left_unmerged_with_a_note(hf_dir, tmp_path):
     assert merge.counts["LoRA layers merged"] == 2 and merge.counts["layers left unmerged"] == 1
     assert any("embed_tokens" in n and "embedding" in n for n in merge.notes)
     check_against(reference(hf_dir("llama"), [adapter]), tmp_path / "m", build("llama").config)
+
+
+@pytest.fixture(scope="module")
+def three_adapters(hf_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("three")
+    return [make_adapter("llama", root / name, seed=20 + i, r=r, lora_alpha=2 * r)
+            for i, (name, r) in enumerate([("chat", 4), ("code", 8), ("sql", 2)])]
+
+
+def test_switchable_each_adapter_matches_its_merge(hf_dir, three_adapters, tmp_path):
+    base_dir = hf_dir("llama")
+    report = effc.compile(str(base_dir), tmp_path / "switch", adapters=[str(a) for a in three_adapters],
+                          passes=["merge_lora"], pass_config=["merge_lora.mode=switchable"], target="ort")
+    assert set(report.verification["adapters"]) == {"chat", "code", "sql"}
+    merged_sizes = 0
+    config = build("llama").config
+    with open_artifact(tmp_path / "switch") as session:
+        assert session.adapter_names() == ["chat", "code", "sql"]
+        ort_session = session._session
+        for adapter in three_adapters:
+            ref_model = reference(base_dir, [adapter])
+            feeds = make_text_inputs(["input_ids", "attention_mask"], config, (2, 21), seed=3)
+            with torch.no_grad():
+                ref = ref_model(**feeds, use_cache=False).logits.numpy()
+            session.select_adapter(adapter.name)  # a switch: no recompile, no new session
+            got = session.run({k: v.numpy() for k, v in feeds.items()})["logits"]
+            assert np.abs(got - ref).max() <= 1e-4, adapter.name
+            merged = effc.compile(str(base_dir), tmp_path / f"merged-{adapter.name}", adapters=[str(adapter)],
+                                  passes=["merge_lora"], target="ort")
+            merged_sizes += merged.artifact_bytes
+        assert session._session is ort_session
+    # one shared base + small weight sets (three files and the default inside model.onnx), not three bases
+    set_bytes = max(p.stat().st_size for p in (tmp_path / "switch" / "adapters").iterdir())
+    assert report.artifact_bytes < merged_sizes / 3 + 4 * set_bytes * 1.1
+    print(f"switchable artifact {report.artifact_bytes} B vs 3 merged {merged_sizes} B "
+          f"({report.artifact_bytes / merged_sizes:.3f}x)")
+
+
+def test_switchable_cli_selects_adapter(hf_dir, three_adapters, tmp_path):
+    from click.testing import CliRunner
+
+    from effc.cli import main
+
+    base_dir = hf_dir("llama")
+    args = ["compile", str(base_dir), "-o", str(tmp_path / "sw"), "--passes", "merge_lora",
+            "--pass-config", "merge_lora.mode=switchable"]
+    for a in three_adapters:
+        args += ["--adapter", str(a)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    np.savez(tmp_path / "in.npz", input_ids=np.arange(10).reshape(1, 10), attention_mask=np.ones((1, 10), np.int64))
+    outs = []
+    for name in ("chat", "sql"):
+        r = CliRunner().invoke(main, ["run", str(tmp_path / "sw"), "--inputs", str(tmp_path / "in.npz"),
+                                      "--adapter", name, "--save-outputs", str(tmp_path / f"{name}.npz")])
+        assert r.exit_code == 0, r.output
+        outs.append(np.load(tmp_path / f"{name}.npz")["logits"])
+    assert np.abs(outs[0] - outs[1]).max() > 1e-3
+    bad = CliRunner().invoke(main, ["run", str(tmp_path / "sw"), "--inputs", str(tmp_path / "in.npz"), "--adapter", "nope"])
+    assert bad.exit_code == 2 and "adapters: chat, code, sql" in bad.output
+
+
+def test_switchable_refuses_dora(hf_dir, tmp_path):
+    from effc.errors import EffcError
+
+    dora = make_adapter("llama", tmp_path / "dora", seed=6, use_dora=True)
+    with pytest.raises(EffcError, match="supports LoRA and rsLoRA"):
+        effc.compile(str(hf_dir("llama")), tmp_path / "m", adapters=[str(dora)], passes=["merge_lora"],
+                     pass_config=["merge_lora.mode=switchable"])
+    assert not (tmp_path / "m").exists()
