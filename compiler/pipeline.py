@@ -170,6 +170,17 @@ def compile(  # noqa: A001 - the product's verb
         if dump:
             (dump / f"{i:02d}_{p.name}.txt").write_text(str(program.graph_module.code))
 
+    if not all(type(p).exact for p in pipeline):
+        # Lossy passes: the target must reproduce the transformed graph; what the passes cost against
+        # eager PyTorch is the accuracy report, not a verification failure.
+        eager = references
+        references = [run_torch(program.module(), s, captured.output_names) for s in check_sets]
+        mask = check_sets[0].get("attention_mask")
+        report.accuracy_vs_eager = compare(eager[0], references[0], Tolerance(float("inf"), 0.0),
+                                           attention_mask=None if mask is None else mask.numpy()).to_dict()
+    else:
+        eager = None
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         stage(f"build {target}")
@@ -198,7 +209,7 @@ def compile(  # noqa: A001 - the product's verb
 
         if verify:
             stage("verify")
-            report.verification = _verify(tmp, check_sets, references, atol, rtol)
+            report.verification = _verify(tmp, check_sets, references, atol, rtol, eager)
             if weight_sets and report.verification["passed"]:
                 report.verification["adapters"] = _verify_adapters(tmp, src, captured, check_sets[0], atol, rtol)
                 report.verification["passed"] = all(v["passed"] for v in report.verification["adapters"].values())
@@ -240,17 +251,48 @@ def _verify_adapters(artifact: Path, src, captured, feeds, atol: float, rtol: fl
     return results
 
 
-def _verify(artifact: Path, check_sets, references, atol: float, rtol: float) -> dict:
-    """Run the artifact on every verification input set; report the worst set's per-output numbers."""
+# A quantized artifact may round differently from the PyTorch graph: tiny float differences upstream
+# flip roundings of coarse activation steps and the two drift apart, each as far from fp32 as the other.
+# It passes when it matches the graph within tolerance, or is at least as close to fp32 eager as the
+# graph is (SQNR pooled over the verification inputs), less this margin.
+LOSSY_SQNR_MARGIN_DB = 1.5
+
+
+def _verify(artifact: Path, check_sets, references, atol: float, rtol: float, eager=None) -> dict:
+    """Run the artifact on every verification input set; report the worst set's per-output numbers.
+
+    With `eager` (lossy passes ran), `references` are the post-pass graph's outputs, and an output that
+    rounds differently passes when its SQNR to eager, pooled over all sets, is within the margin."""
+    from effc.runtime.compare import pooled_sqnr_db
     from effc.runtime.session import Session
 
-    results, shapes = [], []
+    results, shapes, gots, masks = [], [], [], []
     with Session(artifact, verify_hashes=False) as session:
         for feeds, ref in zip(check_sets, references):
             np_feeds = {k: v.numpy() for k, v in feeds.items()}
-            results.append(compare(ref, session.run(np_feeds), Tolerance(atol, rtol),
-                                   attention_mask=np_feeds.get("attention_mask")))
+            masks.append(np_feeds.get("attention_mask"))
+            gots.append(session.run(np_feeds))
+            results.append(compare(ref, gots[-1], Tolerance(atol, rtol), attention_mask=masks[-1]))
             shapes.append({k: list(v.shape) for k, v in np_feeds.items()})
+    lossy = []
+    if eager is not None:
+        failing = {o.name for r in results for o in r.outputs if not o.passed}
+        verdicts = {}
+        for name in sorted(failing):
+            e = [ref[name] for ref in eager]
+            art = pooled_sqnr_db(e, [g[name] for g in gots], masks)
+            graph = pooled_sqnr_db(e, [ref[name] for ref in references], masks)
+            verdicts[name] = art >= graph - LOSSY_SQNR_MARGIN_DB
+            lossy.append({"output": name, "artifact_sqnr_db_vs_eager": art, "graph_sqnr_db_vs_eager": graph,
+                          "passed": bool(verdicts[name])})
+        for r in results:
+            for o in r.outputs:
+                if o.name in verdicts:
+                    o.passed = verdicts[o.name]
+                    o.problem = None if o.passed else "FAIL: less accurate than the graph"
     worst = max(results, key=lambda r: (not r.passed, r.max_abs))
-    return {**worst.to_dict(), "passed": all(r.passed for r in results), "max_abs": max(r.max_abs for r in results),
-            "atol": atol, "rtol": rtol, "shapes": shapes}
+    out = {**worst.to_dict(), "passed": all(r.passed for r in results), "max_abs": max(r.max_abs for r in results),
+           "atol": atol, "rtol": rtol, "shapes": shapes}
+    if lossy:
+        out["quantized_rounding"] = lossy
+    return out

@@ -31,6 +31,7 @@ class CompileReport:
     artifact_bytes: int = 0
     onnx_ops: dict[str, int] = field(default_factory=dict)
     verification: dict | None = None
+    accuracy_vs_eager: dict | None = None  # set when a pass changes the numbers on purpose
     total_seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -53,9 +54,19 @@ class CompileReport:
         if self.verification:
             v = self.verification
             verdict = "passed" if v["passed"] else "FAILED"
-            lines.append(f"verification vs eager PyTorch: {verdict}, max |Δ| {v['max_abs']:.3g} "
+            against = "the graph after the passes (PyTorch)" if self.accuracy_vs_eager else "eager PyTorch"
+            lines.append(f"verification vs {against}: {verdict}, max |Δ| {v['max_abs']:.3g} "
                          f"(atol {v['atol']:g}, rtol {v['rtol']:g}) over {len(v['shapes'])} input shapes")
+            for r in v.get("quantized_rounding", []):
+                lines.append(f"  {r['output']}: rounds differently from the graph; SQNR vs eager fp32 "
+                             f"{r['artifact_sqnr_db_vs_eager']:.1f} dB (graph {r['graph_sqnr_db_vs_eager']:.1f} dB): "
+                             + ("as accurate, accepted" if r["passed"] else "LESS accurate"))
         else:
             lines.append("verification: skipped (--no-verify)")
+        if self.accuracy_vs_eager:
+            for o in self.accuracy_vs_eager["outputs"]:
+                lines.append(f"accuracy vs eager fp32, {o['name']}: cosine {o['cosine']:.5f}, SQNR {o['sqnr_db']:.1f} dB, "
+                             f"max |Δ| {o['max_abs']:.3g}" + (f", top-1 agreement {o['top1_agreement']:.3f}"
+                                                              if o.get("top1_agreement") is not None else ""))
         lines.append(f"total: {self.total_seconds:.1f} s")
         return "\n".join(lines)

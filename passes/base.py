@@ -103,6 +103,9 @@ class Pass(Generic[C]):
     # Passes that must run before / after this one when both are in a pipeline.
     after: ClassVar[tuple[str, ...]] = ()
     before: ClassVar[tuple[str, ...]] = ()
+    # False for passes that change the numbers on purpose (quantization): the artifact is then verified
+    # against the graph after the passes, and the distance to eager PyTorch is reported as accuracy.
+    exact: ClassVar[bool] = True
 
     def __init__(self, config: C | None = None):
         self.config: C = config if config is not None else self.config_class()

@@ -10,6 +10,7 @@ from effc.passes.base import Need, Pass
 PASSES: dict[str, str] = {
     "cleanup": "effc.passes.cleanup:Cleanup",
     "merge_lora": "effc.passes.merge_lora:MergeLora",
+    "int8": "effc.passes.int8:Int8",
 }
 
 

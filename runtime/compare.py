@@ -119,7 +119,7 @@ def compare_output(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, 
     noise = float(np.sum(d ** 2))
     norm = float(np.linalg.norm(r64[finite]) * np.linalg.norm(g64[finite])) if finite.any() else 0.0
     cosine = float(np.dot(r64[finite], g64[finite]) / norm) if norm > 0 else (1.0 if noise == 0 else 0.0)
-    sqnr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
+    sqnr = float("inf") if noise == 0 else (float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf"))
     top1 = None
     if "logits" in name and ref.ndim >= 2 and ref.shape[-1] > 1 and np.issubdtype(ref.dtype, np.floating):
         rr = ref if valid is None else ref[valid]
@@ -132,6 +132,18 @@ def compare_output(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, 
         cosine=cosine, sqnr_db=sqnr, mismatched=int(bad.sum()), compared=int(bad.size), top1_agreement=top1,
     )
     return out, ignored
+
+
+def pooled_sqnr_db(refs: list[np.ndarray], gots: list[np.ndarray], masks: list[np.ndarray | None]) -> float:
+    """SQNR over several input sets at once (signal and noise summed), leaving out padding positions."""
+    signal = noise = 0.0
+    for ref, got, mask in zip(refs, gots, masks):
+        valid = _valid_positions(ref, mask)
+        r, g = (ref, got) if valid is None else (ref[valid], got[valid])
+        r, g = r.astype(np.float64), g.astype(np.float64)
+        signal += float(np.sum(r ** 2))
+        noise += float(np.sum((g - r) ** 2))
+    return float("inf") if noise == 0 else float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
 
 
 def compare(

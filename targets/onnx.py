@@ -15,6 +15,11 @@ class OnnxTarget(Target):
     name = "onnx"
     summary = "portable ONNX (standard opset only)"
 
+    def translations(self) -> dict:
+        from effc.targets import lowering
+
+        return lowering.PORTABLE
+
     def build(self, program, inputs, output_names, dynamic, out_dir: Path,
               overridable: frozenset[str] = frozenset()) -> BuildResult:
         model = onnx_export.export(program, inputs, output_names, dynamic, self.translations(),

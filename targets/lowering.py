@@ -1,0 +1,36 @@
+"""Translations of effc's custom ops (effc.ops) into ONNX, one table per target flavour."""
+
+from __future__ import annotations
+
+import torch
+from onnxscript import opset20 as op
+
+import effc.ops  # noqa: F401  (registers torch.ops.effc.*)
+from effc.targets.contrib_ops import msft
+
+
+def int8_linear_dynamic_ort(x, weight_t, weight_scale, bias=None):
+    """ONNX Runtime's fused kernel: quantizes x per tensor and runs the int8 GEMM in one op."""
+    return msft.DynamicQuantizeMatMul(x, weight_t, weight_scale, None, bias)
+
+
+def int8_linear_dynamic_qdq(x, weight_t, weight_scale, bias=None):
+    """Standard ops only: DynamicQuantizeLinear / DequantizeLinear around MatMul (QDQ), which any runtime
+    runs and ONNX Runtime fuses to MatMulIntegerToFloat."""
+    q, scale, zero_point = op.DynamicQuantizeLinear(x)
+    x_dq = op.DequantizeLinear(q, scale, zero_point)
+    w_dq = op.DequantizeLinear(weight_t, weight_scale, axis=1)
+    y = op.MatMul(x_dq, w_dq)
+    return y if bias is None else op.Add(y, bias)
+
+
+def int8_embedding(indices, weight, scale):
+    """Gather the int8 rows and their scales; dequantize only what was looked up."""
+    rows = op.Cast(op.Gather(weight, indices, axis=0), to=1)  # 1 = FLOAT
+    return op.Mul(rows, op.Unsqueeze(op.Gather(scale, indices, axis=0), [-1]))
+
+
+ORT = {torch.ops.effc.int8_linear_dynamic.default: int8_linear_dynamic_ort,
+       torch.ops.effc.int8_embedding.default: int8_embedding}
+PORTABLE = {torch.ops.effc.int8_linear_dynamic.default: int8_linear_dynamic_qdq,
+            torch.ops.effc.int8_embedding.default: int8_embedding}
