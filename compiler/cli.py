@@ -106,8 +106,12 @@ def inspect(artifact, as_json):
             changes = ", ".join(f"{k}: {v}" for k, v in p["counts"].items() if v) or "no change"
             click.echo(f"pass {p['name']}: {changes}")
     v = manifest.get("verification")
-    click.echo("verified:  " + (f"{'passed' if v['passed'] else 'FAILED'}, max |Δ| {v['max_abs']:.3g} vs eager PyTorch "
+    accuracy = report.get("accuracy_vs_eager")
+    against = "the graph after its passes" if accuracy else "eager PyTorch"
+    click.echo("verified:  " + (f"{'passed' if v['passed'] else 'FAILED'}, max |Δ| {v['max_abs']:.3g} vs {against} "
                                 f"(atol {v['atol']:g}, rtol {v['rtol']:g})" if v else "no (--no-verify)"))
+    for o in (accuracy or {}).get("outputs", []):
+        click.echo(f"accuracy:  {o['name']} vs eager fp32: cosine {o['cosine']:.5f}, SQNR {o['sqnr_db']:.1f} dB")
 
 
 @main.command()
