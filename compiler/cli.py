@@ -137,6 +137,32 @@ def run(artifact, inputs_npz, save_outputs, threads, adapter):
         click.echo(f"wrote {save_outputs}", err=True)
 
 
+@main.command()
+@click.argument("model")
+@click.option("--data", required=True, help="Text (.txt lines, .jsonl 'text'), .npz of inputs, or a directory of them.")
+@click.option("--method", default="entropy", show_default=True, type=click.Choice(["minmax", "percentile", "entropy", "mse"]))
+@click.option("--samples", type=int, help="Use at most this many samples.")
+@click.option("--max-length", default=128, show_default=True, help="Token limit per text sample.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--percentile", default=99.99, show_default=True, help="For --method percentile.")
+@click.option("--adapter", "adapters", multiple=True, help="PEFT adapter directory (repeatable).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Calibration file to write (.json).")
+@click.option("--trt-cache", type=click.Path(path_type=Path), help="Also write the ranges as a TensorRT calibration cache.")
+def calibrate(model, data, method, samples, max_length, batch_size, percentile, adapters, output, trt_cache):
+    """Record activation ranges of MODEL on DATA for int8 (`effc compile --calib FILE` reuses them)."""
+    from effc import calibration
+
+    def bar(total):
+        return click.progressbar(length=total, label="calibrating", show_eta=True, show_pos=True, file=sys.stderr)
+
+    doc = calibration.run(model, data, output, method, samples, max_length, batch_size, percentile, adapters, bar)
+    if trt_cache:
+        trt_cache.write_text(calibration.tensorrt_cache(doc))
+    amax = [t["amax"] for t in doc["tensors"].values()]
+    click.echo(f"wrote {output}: {len(amax)} tensors, {doc['samples']} samples, method {method}, "
+               f"amax {min(amax):.3g}..{max(amax):.3g}" + (f"; TensorRT cache {trt_cache}" if trt_cache else ""))
+
+
 @main.group()
 def golden():
     """Record reference outputs from eager PyTorch and check artifacts against them."""

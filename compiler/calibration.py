@@ -1,0 +1,242 @@
+"""Calibration: stream data through the captured graph and record the range of every activation that
+feeds a linear layer, in memory bounded by the number of tensors (running min/max and a histogram of
+|x| per tensor, never the activations themselves).
+
+Methods turn a histogram into the clipping threshold `amax` (int8 scale = amax / 127):
+    minmax      the largest |x| seen
+    percentile  the |x| below which `percentile`% of values fall (default 99.99)
+    entropy     TensorRT's KL-divergence calibration: the threshold whose 128-level quantized
+                distribution loses the least information against the observed one
+    mse         the threshold minimizing the expected squared quantization error (clipping + rounding)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from effc.errors import EffcError
+
+FORMAT = "effc-calibration"
+VERSION = 1
+BINS = 2048
+METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+@dataclass
+class Histogram:
+    """Histogram of |x| over [0, edge) with BINS bins; when a larger value arrives the range doubles
+    and neighbouring bins merge, so memory stays fixed whatever the number of samples."""
+
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.float64))
+    edge: float = 0.0
+    lo: float = float("inf")
+    hi: float = float("-inf")
+    count: int = 0
+
+    def add(self, x: np.ndarray) -> None:
+        a = np.abs(x.ravel().astype(np.float32))
+        if a.size == 0:
+            return
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+        self.count += a.size
+        top = float(a.max())
+        if self.edge == 0.0:
+            self.edge = top if top > 0 else 1.0
+        while top > self.edge:
+            self.counts = self.counts.reshape(-1, 2).sum(1)
+            self.counts = np.concatenate([self.counts, np.zeros(BINS // 2)])
+            self.edge *= 2
+        idx = np.minimum((a / self.edge * BINS).astype(np.int64), BINS - 1)
+        self.counts += np.bincount(idx, minlength=BINS)
+
+    @property
+    def bin_width(self) -> float:
+        return self.edge / BINS
+
+
+def amax_minmax(h: Histogram, **_) -> float:
+    return max(abs(h.lo), abs(h.hi))
+
+
+def amax_percentile(h: Histogram, percentile: float = 99.99, **_) -> float:
+    cdf = np.cumsum(h.counts) / max(h.counts.sum(), 1)
+    i = int(np.searchsorted(cdf, percentile / 100.0))
+    return min((i + 1) * h.bin_width, amax_minmax(h))
+
+
+def amax_entropy(h: Histogram, levels: int = 128, **_) -> float:
+    """TensorRT's entropy calibration (KL divergence between clipped and quantized distributions)."""
+    counts = h.counts
+    last = int(np.nonzero(counts)[0][-1]) + 1 if counts.any() else levels
+    best, best_i = float("inf"), last
+    for i in range(levels, max(last, levels) + 1, 4 if last > 1024 else 1):
+        p = counts[:i].copy()
+        p[i - 1] += counts[i:].sum()  # clip the tail into the last bin
+        # quantize p into `levels` groups, spread each group's mass over its non-empty bins
+        groups = np.array_split(np.arange(i), levels)
+        q = np.zeros(i)
+        for g in groups:
+            nonzero = counts[g] != 0
+            if nonzero.any():
+                q[g[nonzero]] = counts[g].sum() / nonzero.sum()
+        mask = p > 0
+        if not mask.any() or q[mask].min() == 0:
+            continue
+        pn, qn = p[mask] / p.sum(), q[mask] / q.sum()
+        kl = float(np.sum(pn * np.log(pn / qn)))
+        if kl < best:
+            best, best_i = kl, i
+    return min(best_i * h.bin_width, amax_minmax(h))
+
+
+def amax_mse(h: Histogram, levels: int = 127, **_) -> float:
+    """Threshold minimizing E[(x - Q(x))^2] over the histogram: rounding noise step^2/12 inside, the
+    clipped distance outside."""
+    centers = (np.arange(BINS) + 0.5) * h.bin_width
+    top = amax_minmax(h)
+    best, best_t = float("inf"), top
+    for t in np.linspace(top / 64, top, 256):
+        step = t / levels
+        inside = centers <= t
+        err = np.sum(h.counts[inside]) * step ** 2 / 12 + np.sum(h.counts[~inside] * (centers[~inside] - t) ** 2)
+        if err < best:
+            best, best_t = err, float(t)
+    return best_t
+
+
+AMAX: dict[str, Callable[..., float]] = {"minmax": amax_minmax, "percentile": amax_percentile,
+                                         "entropy": amax_entropy, "mse": amax_mse}
+
+
+class Collector(torch.fx.Interpreter):
+    """Runs the captured graph and adds the input of every linear layer to its tensor's histogram."""
+
+    def __init__(self, module: torch.fx.GraphModule, names: dict[str, str]):
+        super().__init__(module)
+        self.names = names  # fx node name -> tensor name (module name of the linear it feeds)
+        self.histograms: dict[str, Histogram] = {}
+
+    def run_node(self, n: torch.fx.Node):
+        if n.name in self.names:
+            x = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
+            self.histograms.setdefault(self.names[n.name], Histogram()).add(x.detach().float().numpy())
+        return super().run_node(n)
+
+
+def linear_inputs(module: torch.fx.GraphModule) -> dict[str, str]:
+    """fx node name -> '<module>' for every aten.linear in the unlifted graph (tensor = that layer's input)."""
+    from effc.passes.int8 import module_name
+
+    names = {}
+    for node in module.graph.nodes:
+        if node.target is torch.ops.aten.linear.default:
+            names[node.name] = module_name(node)
+    return names
+
+
+def calibrate(program: torch.export.ExportedProgram, batches: Iterator[dict[str, torch.Tensor]],
+              total: int | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Histogram]:
+    module = program.module()
+    collector = Collector(module, linear_inputs(module))
+    order = [n.target for n in module.graph.nodes if n.op == "placeholder"]
+    seen = 0
+    with torch.no_grad():
+        for feeds in batches:
+            collector.run(*[feeds[k] for k in order])
+            n = int(next(iter(feeds.values())).shape[0])
+            seen += n
+            if progress:
+                progress(n)
+    if seen == 0:
+        raise EffcError("the calibration dataset is empty: give at least one sample")
+    return collector.histograms
+
+
+def summarize(histograms: dict[str, Histogram], method: str, percentile: float = 99.99) -> dict[str, dict]:
+    if method not in AMAX:
+        raise EffcError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
+    out = {}
+    for name, h in histograms.items():
+        amax = AMAX[method](h, percentile=percentile)
+        out[name] = {"amax": amax, "scale": amax / 127, "min": h.lo, "max": h.hi, "count": h.count,
+                     "p99.99": amax_percentile(h, 99.99), "histogram_edge": h.edge}
+    return out
+
+
+def write(path: Path, tensors: dict, *, method: str, model_sha256: str, data_sha256: str, samples: int,
+          input_names: list[str]) -> None:
+    doc = {"format": FORMAT, "version": VERSION, "method": method, "model_sha256": model_sha256,
+           "data_sha256": data_sha256, "samples": samples, "inputs": input_names, "tensors": tensors}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def read(path: Path, model_sha256: str | None = None) -> dict:
+    """Load a calibration file; refuse another model's (compare the source sha256)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EffcError(f"cannot read calibration file {path}: {e}") from None
+    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise EffcError(f"{path} is not an effc calibration file (version {VERSION}); make one with `effc calibrate`")
+    if model_sha256 and doc.get("model_sha256") != model_sha256:
+        raise EffcError(f"{path} was calibrated on another model (sha256 {str(doc.get('model_sha256'))[:12]}…, "
+                        f"this one {model_sha256[:12]}…); calibrate this model")
+    return doc
+
+
+def tensorrt_cache(doc: dict) -> str:
+    """TensorRT's calibration cache text: one `name: <float32 scale as big-endian hex>` line per tensor."""
+    lines = ["TRT-8600-EntropyCalibration2"]
+    for name, t in doc["tensors"].items():
+        lines.append(f"{name}: {struct.pack('>f', t['scale']).hex()}")
+    return "\n".join(lines) + "\n"
+
+
+def data_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def run(source: str, data: str, output: str | Path, method: str = "entropy", samples: int | None = None,
+        max_length: int = 128, batch_size: int = 8, percentile: float = 99.99, adapters=(),
+        progress_bar=None) -> dict:
+    """Calibrate `source` on `data` and write the calibration file; returns its contents."""
+    from effc import dataset, sources
+    from effc.capture import capture
+    from effc.inputs import dynamic_dims, example_inputs
+
+    if method not in AMAX:
+        raise EffcError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
+    total = dataset.count(data)
+    if samples is not None:
+        total = min(total, samples)
+    if total == 0:
+        raise EffcError(f"the calibration dataset {data} is empty: give at least one sample")
+    src = sources.load(source, adapters)
+    example = example_inputs(src.model, src.config, None, src.example_inputs)
+    program = capture(src.model, example, dynamic_dims(example)).program
+    stream = dataset.batches(data, list(example), source if src.kind == "hf_dir" else None, max_length,
+                             batch_size, samples)
+    if progress_bar is not None:
+        with progress_bar(total) as bar:
+            histograms = calibrate(program, stream, total, bar.update)
+    else:
+        histograms = calibrate(program, stream, total)
+    tensors = summarize(histograms, method, percentile)
+    write(Path(output), tensors, method=method, model_sha256=src.sha256, data_sha256=data_sha256(Path(data)),
+          samples=total, input_names=list(example))
+    return read(Path(output))
