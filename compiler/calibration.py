@@ -172,10 +172,7 @@ def summarize(histograms: dict[str, Histogram], method: str, percentile: float =
     return out
 
 
-def write(path: Path, tensors: dict, *, method: str, model_sha256: str, data_sha256: str, samples: int,
-          input_names: list[str]) -> None:
-    doc = {"format": FORMAT, "version": VERSION, "method": method, "model_sha256": model_sha256,
-           "data_sha256": data_sha256, "samples": samples, "inputs": input_names, "tensors": tensors}
+def write(path: Path, doc: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     tmp.replace(path)
@@ -211,13 +208,10 @@ def data_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def run(source: str, data: str, output: str | Path, method: str = "entropy", samples: int | None = None,
-        max_length: int = 128, batch_size: int = 8, percentile: float = 99.99, adapters=(),
-        progress_bar=None) -> dict:
-    """Calibrate `source` on `data` and write the calibration file; returns its contents."""
-    from effc import dataset, sources
-    from effc.capture import capture
-    from effc.inputs import dynamic_dims, example_inputs
+def collect(src, program, example: dict, data: str, method: str = "entropy", samples: int | None = None,
+            max_length: int = 128, batch_size: int = 8, percentile: float = 99.99, progress_bar=None) -> dict:
+    """Calibrate a loaded source's captured program on `data`; returns the calibration document."""
+    from effc import dataset
 
     if method not in AMAX:
         raise EffcError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
@@ -226,17 +220,31 @@ def run(source: str, data: str, output: str | Path, method: str = "entropy", sam
         total = min(total, samples)
     if total == 0:
         raise EffcError(f"the calibration dataset {data} is empty: give at least one sample")
-    src = sources.load(source, adapters)
-    example = example_inputs(src.model, src.config, None, src.example_inputs)
-    program = capture(src.model, example, dynamic_dims(example)).program
-    stream = dataset.batches(data, list(example), source if src.kind == "hf_dir" else None, max_length,
+    stream = dataset.batches(data, list(example), src.spec if src.kind == "hf_dir" else None, max_length,
                              batch_size, samples)
     if progress_bar is not None:
         with progress_bar(total) as bar:
             histograms = calibrate(program, stream, total, bar.update)
     else:
         histograms = calibrate(program, stream, total)
-    tensors = summarize(histograms, method, percentile)
-    write(Path(output), tensors, method=method, model_sha256=src.sha256, data_sha256=data_sha256(Path(data)),
-          samples=total, input_names=list(example))
-    return read(Path(output))
+    return {"format": FORMAT, "version": VERSION, "method": method, "model_sha256": src.fingerprint,
+            "data_sha256": data_sha256(Path(data)), "samples": total, "inputs": list(example),
+            "tensors": summarize(histograms, method, percentile)}
+
+
+def run(source: str, data: str, output: str | Path, method: str = "entropy", samples: int | None = None,
+        max_length: int = 128, batch_size: int = 8, percentile: float = 99.99, adapters=(),
+        progress_bar=None) -> dict:
+    """`effc calibrate`: load and capture `source`, calibrate, write the calibration file."""
+    from effc import sources
+    from effc.capture import capture
+    from effc.inputs import dynamic_dims, example_inputs
+
+    if method not in AMAX:
+        raise EffcError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
+    src = sources.load(source, adapters)
+    example = example_inputs(src.model, src.config, None, src.example_inputs)
+    program = capture(src.model, example, dynamic_dims(example)).program
+    doc = collect(src, program, example, data, method, samples, max_length, batch_size, percentile, progress_bar)
+    write(Path(output), doc)
+    return doc

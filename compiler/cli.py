@@ -53,17 +53,23 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--rtol", default=1e-3, show_default=True, help="Verification tolerance (relative).")
 @click.option("--no-verify", is_flag=True, help="Skip the check against eager PyTorch.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the graph after each pass into this directory.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration file from `effc calibrate` (int8 static).")
+@click.option("--calib-data", help="Calibrate inline on this data (text, .jsonl, .npz or a directory).")
+@click.option("--calib-method", default="entropy", show_default=True,
+              type=click.Choice(["minmax", "percentile", "entropy", "mse"]))
+@click.option("--calib-samples", default=512, show_default=True, help="Samples for --calib-data.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compile(model, output, adapters, passes, pass_config, target, input_shapes, atol, rtol, no_verify, dump_ir,
-            force, as_json):
+            calib, calib_data, calib_method, calib_samples, force, as_json):
     """Compile MODEL (Hugging Face model directory or module:callable) into an artifact directory."""
     import effc
     from effc.inputs import parse_shapes
 
     report = effc.compile(model, output, adapters=adapters, passes=_split(passes), pass_config=pass_config,
                           target=target, input_shapes=parse_shapes(input_shapes), verify=not no_verify, atol=atol,
-                          rtol=rtol, dump_ir=dump_ir, force=force, progress=_say)
+                          rtol=rtol, dump_ir=dump_ir, calib=calib, calib_data=calib_data, calib_method=calib_method,
+                          calib_samples=calib_samples, force=force, progress=_say)
     click.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.table())
     click.echo(f"wrote {output}", err=True)
 

@@ -67,3 +67,23 @@ def int8_embedding(indices: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
 @int8_embedding.register_fake
 def _(indices, weight, scale):
     return scale.new_empty(*indices.shape, weight.shape[1])
+
+
+def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """ONNX QuantizeLinear to int8 with zero point 0: saturate(round_half_even(x / scale)) in [-128, 127]."""
+    return torch.clamp(torch.round(x.float() / scale.float()), -128, 127)
+
+
+@torch.library.custom_op("effc::int8_linear_static", mutates_args=())
+def int8_linear_static(x: torch.Tensor, x_scale: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 with a calibrated activation scale: symmetric int8 activations (zero point 0) and int8 weights
+    per output channel, the explicit-quantization form TensorRT reads. Exact integer accumulation."""
+    acc = quantize_activation_static(x, x_scale).double() @ weight_t.double()
+    y = (acc * (x_scale.double() * weight_scale.double())).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+@int8_linear_static.register_fake
+def _(x, x_scale, weight_t, weight_scale, bias=None):
+    return x.new_empty(*x.shape[:-1], weight_t.shape[1])

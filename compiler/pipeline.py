@@ -16,6 +16,7 @@ import onnx
 import torch
 
 import effc
+from effc import calibration
 from effc import inputs as inputs_mod
 from effc import sources
 from effc.capture import capture, run_torch
@@ -106,6 +107,10 @@ def compile(  # noqa: A001 - the product's verb
     atol: float = 1e-4,
     rtol: float = 1e-3,
     dump_ir: str | Path | None = None,
+    calib: str | Path | None = None,
+    calib_data: str | None = None,
+    calib_method: str = "entropy",
+    calib_samples: int | None = 512,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> CompileReport:
@@ -117,7 +122,10 @@ def compile(  # noqa: A001 - the product's verb
     say = progress or _quiet
     t_start = time.perf_counter()
     output = Path(output)
-    pipeline = resolve(list(passes), list(pass_config), have={Need.EXAMPLE_INPUTS})
+    if calib and calib_data:
+        raise EffcError("give --calib FILE or --calib-data DATA, not both")
+    have = {Need.EXAMPLE_INPUTS} | ({Need.CALIBRATION} if calib or calib_data else set())
+    pipeline = resolve(list(passes), list(pass_config), have=have)
     target_impl = get_target(target)
     _prepare_output(output, force)
 
@@ -143,6 +151,13 @@ def compile(  # noqa: A001 - the product's verb
     done("capture")
     report = CompileReport(source=src.describe(), target=target, nodes_captured=node_count(program),
                            param_bytes_captured=parameter_bytes(program))
+    calibration_doc = None
+    if calib:
+        calibration_doc = calibration.read(Path(calib), model_sha256=src.fingerprint)
+    elif calib_data:
+        stage("calibrate")
+        calibration_doc = calibration.collect(src, program, example, calib_data, calib_method, calib_samples)
+        done("calibrate")
 
     stage("reference")
     check_sets = _verification_inputs(example, src.config)
@@ -153,7 +168,7 @@ def compile(  # noqa: A001 - the product's verb
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / "00_captured.txt").write_text(str(program.graph_module.code))
-    ctx = PassContext(example_inputs=example, source=src, log=say)
+    ctx = PassContext(example_inputs=example, calibration=calibration_doc, source=src, log=say)
     for i, p in enumerate(pipeline, 1):
         say(f"effc: pass {p.name} ({i}/{len(pipeline)})...")
         before_nodes, before_bytes = node_count(program), parameter_bytes(program)
@@ -187,6 +202,8 @@ def compile(  # noqa: A001 - the product's verb
         built = target_impl.build(program, example, captured.output_names, captured.dynamic, tmp,
                                   overridable=frozenset(next(iter(ctx.weight_sets.values()), {})))
         weight_sets = _write_weight_sets(tmp, ctx.weight_sets)
+        if calibration_doc is not None:
+            calibration.write(tmp / "calibration.json", calibration_doc)
         done(f"build {target}")
         model_proto = onnx.load(str(tmp / built.model_file), load_external_data=False)
         report.onnx_ops = dict(Counter(

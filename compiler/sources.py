@@ -27,6 +27,13 @@ class Source:
     adapters: list[dict] = field(default_factory=list)
     example_inputs: dict[str, torch.Tensor] | None = None  # given by a factory
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the model as it runs: the base and every adapter applied to it."""
+        import hashlib
+
+        return hashlib.sha256("".join([self.sha256] + [a["sha256"] for a in self.adapters]).encode()).hexdigest()
+
     def describe(self) -> dict:
         return {"spec": self.spec, "kind": self.kind, "sha256": self.sha256, "adapters": self.adapters,
                 "path": str(Path(self.spec).resolve()) if self.kind == "hf_dir" else None,

@@ -1,5 +1,6 @@
-"""int8: quantize linear layers to int8 (dynamic mode: int8 weights per output channel, activations
-quantized at run time).
+"""int8: quantize linear layers to int8 weights per output channel. Activations: `dynamic` mode quantizes
+them at run time; `static` mode (W8A8) uses ranges calibrated beforehand (`effc calibrate`, then
+`--calib FILE`, or `--calib-data DATA` inline), symmetric int8 with zero point 0.
 
 annotate (which linears, by module-name globs) then convert (each chosen linear becomes the custom op
 effc::int8_linear_dynamic, whose reference implementation is what ONNX Runtime's DynamicQuantizeMatMul
@@ -17,7 +18,7 @@ from typing import Literal
 import torch
 
 from effc.ops import quantize_rows, quantize_weight_per_channel
-from effc.passes.base import Level, Pass, PassConfig, PassContext, PassResult
+from effc.passes.base import Level, Need, Pass, PassConfig, PassContext, PassResult
 from effc.passes.program import add_parameter, drop_unused_weights, edit, rebuild
 
 aten = torch.ops.aten
@@ -25,15 +26,17 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class Int8Config(PassConfig):
-    mode: Literal["dynamic"] = "dynamic"
+    mode: Literal["dynamic", "static"] = "dynamic"  # static: calibrated activation scales (--calib / --calib-data)
     exclude: tuple[str, ...] = ()  # globs of module names kept in float, e.g. lm_head,*.down_proj
     embeddings: bool = True  # int8 embedding tables too (one scale per row); they are most of a small model
 
 
 def module_name(node: torch.fx.Node) -> str:
-    """The module a node was traced in, without the NamedOutputs wrapper's leading 'model.'."""
+    """The module a node was traced in, without the NamedOutputs wrapper's leading 'model.' and without
+    peft's '.base_layer', so a layer has one name before and after merge_lora (calibration files match)."""
     stack = node.meta.get("nn_module_stack") or {}
     path = list(stack.values())[-1][0] if stack else node.name
+    path = path.replace(".base_layer", "")
     return path[len("model."):] if path.startswith("model.") else path
 
 
@@ -45,8 +48,13 @@ class Int8(Pass[Int8Config]):
     after = ("merge_lora",)
     exact = False
 
+    def needs(self) -> set[Need]:
+        return {Need.CALIBRATION} if self.config.mode == "static" else set()
+
     def run(self, ep, ctx: PassContext) -> PassResult:
         gm, signature, state_dict, constants = edit(ep)
+        ranges = ctx.calibration["tensors"] if self.config.mode == "static" else {}
+        uncalibrated = []
         weights = {s.arg.name: state_dict.get(s.target) for s in signature.input_specs if hasattr(s.arg, "name")}
         counts = {"linear layers quantized": 0, "linear layers excluded": 0, "embeddings quantized": 0}
         matched: set[str] = set()
@@ -66,18 +74,29 @@ class Int8(Pass[Int8Config]):
                 matched.update(hits)
                 counts["linear layers excluded"] += 1
                 continue
+            if self.config.mode == "static" and name not in ranges:
+                uncalibrated.append(name)
+                continue
             q, scale = quantize_weight_per_channel(w)
             q_node = add_parameter(gm, signature, state_dict, f"{name}.weight_int8", q)
             s_node = add_parameter(gm, signature, state_dict, f"{name}.weight_scale", scale)
+            if self.config.mode == "static":
+                x_scale = torch.tensor(max(ranges[name]["scale"], 1e-12), dtype=torch.float32)
+                x_node = add_parameter(gm, signature, state_dict, f"{name}.input_scale", x_scale)
+                target, args = torch.ops.effc.int8_linear_static.default, (node.args[0], x_node, q_node, s_node, bias)
+            else:
+                target, args = torch.ops.effc.int8_linear_dynamic.default, (node.args[0], q_node, s_node, bias)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(torch.ops.effc.int8_linear_dynamic.default,
-                                             (node.args[0], q_node, s_node, bias))
+                new = gm.graph.call_function(target, args)
             new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             counts["linear layers quantized"] += 1
         counts = {k: v for k, v in counts.items() if v or k == "linear layers quantized"}
         notes = [f"int8.exclude pattern {p!r} matched no linear layer" for p in self.config.exclude if p not in matched]
+        if uncalibrated:
+            counts["linear layers without calibration (kept in float)"] = len(uncalibrated)
+            notes.append(f"no calibration range for {', '.join(uncalibrated[:5])}{'…' if len(uncalibrated) > 5 else ''}: kept in float")
         counts["float weights dropped"] = drop_unused_weights(gm, signature, state_dict, constants)
         changed = counts["linear layers quantized"] + counts.get("embeddings quantized", 0) > 0
         return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)

@@ -14,6 +14,9 @@ PASSES: dict[str, str] = {
 }
 
 
+HOW_TO_GIVE = {Need.CALIBRATION: ": give --calib FILE (from `effc calibrate`) or --calib-data DATA"}
+
+
 def pass_class(name: str) -> type[Pass]:
     if name not in PASSES:
         raise EffcError(f"unknown pass {name!r}; passes: {', '.join(sorted(PASSES))} (see `effc passes`)")
@@ -66,8 +69,8 @@ def resolve(names: list[str], config_items: list[str] | tuple[str, ...] = (),
             if other in order and order[other] < order[p.name]:
                 problems.append(f"pass {p.name} must run before {other}: write --passes ...,{p.name},{other},...")
         missing = p.needs() - set(have)
-        if missing:
-            problems.append(f"pass {p.name} needs {', '.join(sorted(m.value for m in missing))}, which was not given")
+        for need in sorted(missing, key=lambda n: n.value):
+            problems.append(f"pass {p.name} needs {need.value}, which was not given" + HOW_TO_GIVE.get(need, ""))
     if problems:
         raise EffcError("; ".join(problems))
     return passes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import onnx
 import torch
 from onnxscript import opset20 as op
 
@@ -24,6 +25,16 @@ def int8_linear_dynamic_qdq(x, weight_t, weight_scale, bias=None):
     return y if bias is None else op.Add(y, bias)
 
 
+def int8_linear_static_qdq(x, x_scale, weight_t, weight_scale, bias=None):
+    """QuantizeLinear/DequantizeLinear with the calibrated scale (int8, zero point 0) around MatMul: standard
+    ops for any runtime, explicit quantization for TensorRT, MatMulIntegerToFloat after ORT's QDQ fusion."""
+    zero = op.Constant(value=onnx.helper.make_tensor("zero_point", onnx.TensorProto.INT8, [], [0]))
+    x_dq = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, zero), x_scale, zero)
+    w_dq = op.DequantizeLinear(weight_t, weight_scale, axis=1)
+    y = op.MatMul(x_dq, w_dq)
+    return y if bias is None else op.Add(y, bias)
+
+
 def int8_embedding(indices, weight, scale):
     """Gather the int8 rows and their scales; dequantize only what was looked up."""
     rows = op.Cast(op.Gather(weight, indices, axis=0), to=1)  # 1 = FLOAT
@@ -31,6 +42,8 @@ def int8_embedding(indices, weight, scale):
 
 
 ORT = {torch.ops.effc.int8_linear_dynamic.default: int8_linear_dynamic_ort,
-       torch.ops.effc.int8_embedding.default: int8_embedding}
+       torch.ops.effc.int8_embedding.default: int8_embedding,
+       torch.ops.effc.int8_linear_static.default: int8_linear_static_qdq}
 PORTABLE = {torch.ops.effc.int8_linear_dynamic.default: int8_linear_dynamic_qdq,
-            torch.ops.effc.int8_embedding.default: int8_embedding}
+            torch.ops.effc.int8_embedding.default: int8_embedding,
+            torch.ops.effc.int8_linear_static.default: int8_linear_static_qdq}

@@ -151,3 +151,78 @@ def test_minilm_embeddings_keep_cosine(minilm_dir, tmp_path):
             got = session.run(feeds)["last_hidden_state"]
             cos.append(cosine(mean_pool(ref, feeds["attention_mask"]), mean_pool(got, feeds["attention_mask"])))
     assert np.mean(cos) >= 0.99, cos
+
+
+def test_static_reference_op_matches_quantize_linear_formula():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 5, 32)) * 3).astype(np.float32)
+    w = rng.standard_normal((16, 32)).astype(np.float32)
+    x_scale = np.float32(2.5 / 127)  # clips |x| > 2.5 (saturates at -128 / 127)
+    xq = np.clip(np.round(x / x_scale), -128, 127).astype(np.int64)
+    w_scale = np.abs(w).max(1) / 127
+    wq = np.clip(np.round(w / w_scale[:, None]), -127, 127).astype(np.int64)
+    want = (xq @ wq.T) * (np.float64(x_scale) * w_scale)
+    q, scale = effc.ops.quantize_weight_per_channel(torch.from_numpy(w))
+    got = torch.ops.effc.int8_linear_static(torch.from_numpy(x), torch.tensor(x_scale), q, scale).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_static_needs_calibration(default_model, tmp_path):
+    from click.testing import CliRunner
+
+    from effc.cli import main
+
+    r = CliRunner().invoke(main, ["compile", str(default_model[0]), "--passes", "int8", "--pass-config",
+                                  "int8.mode=static", "-o", str(tmp_path / "q")])
+    assert r.exit_code == 2 and "needs calibration" in r.output and "--calib" in r.output
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.fixture(scope="module")
+def calib_npz(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "data.npz"
+    rng = np.random.default_rng(4)
+    np.savez(path, input_ids=rng.integers(0, 1024, (32, 24)), attention_mask=np.ones((32, 24), np.int64))
+    return path
+
+
+def test_static_onnx_is_explicit_int8_qdq(default_model, calib_npz, tmp_path):
+    """Standard QDQ a TensorRT parser reads as explicit quantization: int8, zero point 0, per-channel
+    weights on the output axis; calibrated inline and stored in the artifact."""
+    import onnx
+    from onnx import numpy_helper
+
+    model, adapter = default_model
+    report = effc.compile(str(model), tmp_path / "q", adapters=[str(adapter)], passes=["merge_lora", "int8"],
+                          pass_config=["int8.mode=static"], calib_data=str(calib_npz), calib_method="mse",
+                          target="onnx")
+    assert report.verification["passed"]
+    assert report.accuracy_vs_eager["outputs"][0]["cosine"] > 0.99
+    m = onnx.load(tmp_path / "q" / "model.onnx")
+    consts = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    quant = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert 0 < len(quant) <= 29
+    for n in quant:
+        zp = consts[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any()
+    weight_dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts
+                 and consts[n.input[0]].dtype == np.int8 and consts[n.input[0]].ndim == 2]
+    assert len(weight_dq) == 29
+    assert all(next(a.i for a in n.attribute if a.name == "axis") == 1 for n in weight_dq)
+    assert (tmp_path / "q" / "calibration.json").is_file()
+
+
+def test_calibration_of_another_model_is_refused(default_model, calib_npz, tmp_path):
+    """Calibrated on the base alone; compiling base + adapter (another model as it runs) is refused."""
+    from effc import calibration
+
+    other = tmp_path / "c.json"
+    doc = calibration.run(str(default_model[0]), str(calib_npz), other, "minmax")
+    assert doc["samples"] == 32
+    with pytest.raises(EffcError, match="another model"):
+        effc.compile(str(default_model[0]), tmp_path / "q", adapters=[str(default_model[1])], passes=["int8"],
+                     pass_config=["int8.mode=static"], calib=str(other))
+    assert not (tmp_path / "q").exists()
