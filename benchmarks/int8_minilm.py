@@ -71,18 +71,30 @@ def main() -> None:
         effc.compile(str(model_dir), tmp / "fp32-onnx", target="onnx")
         effc.compile(str(model_dir), tmp / "int8-ort", target="ort", passes=["int8"])
         effc.compile(str(model_dir), tmp / "int8-onnx", target="onnx", passes=["int8"])
+        calib = tmp / "calib.txt"  # calibration text: As You Like It; evaluation text: Hamlet (held out)
+        calib.write_text("\n".join(speeches("comedies/as-you-like-it", limit=256)))
+        outliers = ["int8.outlier_threshold=6.0"]
+        effc.compile(str(model_dir), tmp / "int8-dyn-outl", target="ort", passes=["int8"], pass_config=outliers,
+                     calib_data=str(calib), calib_samples=256)
+        effc.compile(str(model_dir), tmp / "int8-static-outl", target="ort", passes=["int8"],
+                     pass_config=["int8.mode=static", *outliers], calib_data=str(calib), calib_method="mse",
+                     calib_samples=256)
         quantize_dynamic(str(tmp / "fp32-onnx" / "model.onnx"), str(tmp / "qd.onnx"), per_channel=True,
                          weight_type=QuantType.QInt8)
         runners = {
             "fp32 (effc ort, no passes)": open_artifact(tmp / "fp32-ort", threads=2),
             "effc int8 dynamic (ort)": open_artifact(tmp / "int8-ort", threads=2),
             "effc int8 dynamic (onnx, QDQ)": open_artifact(tmp / "int8-onnx", threads=2),
+            "effc int8 dynamic + LLM.int8() outliers (ort)": open_artifact(tmp / "int8-dyn-outl", threads=2),
+            "effc int8 static W8A8 + outliers (ort)": open_artifact(tmp / "int8-static-outl", threads=2),
             "ORT quantize_dynamic per-channel": ort_session(tmp / "qd.onnx"),
         }
         sizes = {
             "fp32 (effc ort, no passes)": (tmp / "fp32-ort" / "model.onnx").stat().st_size,
             "effc int8 dynamic (ort)": (tmp / "int8-ort" / "model.onnx").stat().st_size,
             "effc int8 dynamic (onnx, QDQ)": (tmp / "int8-onnx" / "model.onnx").stat().st_size,
+            "effc int8 dynamic + LLM.int8() outliers (ort)": (tmp / "int8-dyn-outl" / "model.onnx").stat().st_size,
+            "effc int8 static W8A8 + outliers (ort)": (tmp / "int8-static-outl" / "model.onnx").stat().st_size,
             "ORT quantize_dynamic per-channel": (tmp / "qd.onnx").stat().st_size,
         }
 

@@ -124,11 +124,17 @@ class Collector(torch.fx.Interpreter):
         super().__init__(module)
         self.names = names  # fx node name -> tensor name (module name of the linear it feeds)
         self.histograms: dict[str, Histogram] = {}
+        self.channel_absmax: dict[str, np.ndarray] = {}  # per input feature: finds LLM.int8() outlier columns
 
     def run_node(self, n: torch.fx.Node):
         if n.name in self.names:
             x = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
-            self.histograms.setdefault(self.names[n.name], Histogram()).add(x.detach().float().numpy())
+            x = x.detach().float()
+            name = self.names[n.name]
+            self.histograms.setdefault(name, Histogram()).add(x.numpy())
+            cols = x.abs().reshape(-1, x.shape[-1]).amax(0).numpy()
+            prev = self.channel_absmax.get(name)
+            self.channel_absmax[name] = cols if prev is None else np.maximum(prev, cols)
         return super().run_node(n)
 
 
@@ -144,7 +150,8 @@ def linear_inputs(module: torch.fx.GraphModule) -> dict[str, str]:
 
 
 def calibrate(program: torch.export.ExportedProgram, batches: Iterator[dict[str, torch.Tensor]],
-              total: int | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Histogram]:
+              total: int | None = None, progress: Callable[[int], None] | None = None
+              ) -> tuple[dict[str, Histogram], dict[str, np.ndarray]]:
     module = program.module()
     collector = Collector(module, linear_inputs(module))
     order = [n.target for n in module.graph.nodes if n.op == "placeholder"]
@@ -158,17 +165,19 @@ def calibrate(program: torch.export.ExportedProgram, batches: Iterator[dict[str,
                 progress(n)
     if seen == 0:
         raise EffcError("the calibration dataset is empty: give at least one sample")
-    return collector.histograms
+    return collector.histograms, collector.channel_absmax
 
 
-def summarize(histograms: dict[str, Histogram], method: str, percentile: float = 99.99) -> dict[str, dict]:
+def summarize(histograms: dict[str, Histogram], channel_absmax: dict[str, np.ndarray], method: str,
+              percentile: float = 99.99) -> dict[str, dict]:
     if method not in AMAX:
         raise EffcError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
     out = {}
     for name, h in histograms.items():
         amax = AMAX[method](h, percentile=percentile)
         out[name] = {"amax": amax, "scale": amax / 127, "min": h.lo, "max": h.hi, "count": h.count,
-                     "p99.99": amax_percentile(h, 99.99), "histogram_edge": h.edge}
+                     "p99.99": amax_percentile(h, 99.99), "histogram_edge": h.edge,
+                     "channel_absmax": [float(f"{v:.4g}") for v in channel_absmax[name]]}
     return out
 
 
@@ -224,12 +233,12 @@ def collect(src, program, example: dict, data: str, method: str = "entropy", sam
                              batch_size, samples)
     if progress_bar is not None:
         with progress_bar(total) as bar:
-            histograms = calibrate(program, stream, total, bar.update)
+            histograms, channels = calibrate(program, stream, total, bar.update)
     else:
-        histograms = calibrate(program, stream, total)
+        histograms, channels = calibrate(program, stream, total)
     return {"format": FORMAT, "version": VERSION, "method": method, "model_sha256": src.fingerprint,
             "data_sha256": data_sha256(Path(data)), "samples": total, "inputs": list(example),
-            "tensors": summarize(histograms, method, percentile)}
+            "tensors": summarize(histograms, channels, method, percentile)}
 
 
 def run(source: str, data: str, output: str | Path, method: str = "entropy", samples: int | None = None,

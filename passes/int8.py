@@ -19,7 +19,7 @@ import torch
 
 from effc.ops import quantize_rows, quantize_weight_per_channel
 from effc.passes.base import Level, Need, Pass, PassConfig, PassContext, PassResult
-from effc.passes.program import add_parameter, drop_unused_weights, edit, rebuild
+from effc.passes.program import add_parameter, call, drop_unused_weights, edit, rebuild
 
 aten = torch.ops.aten
 
@@ -29,6 +29,7 @@ class Int8Config(PassConfig):
     mode: Literal["dynamic", "static"] = "dynamic"  # static: calibrated activation scales (--calib / --calib-data)
     exclude: tuple[str, ...] = ()  # globs of module names kept in float, e.g. lm_head,*.down_proj
     embeddings: bool = True  # int8 embedding tables too (one scale per row); they are most of a small model
+    outlier_threshold: float | None = None  # LLM.int8(): input features whose calibrated |x| exceeds this stay float
 
 
 def module_name(node: torch.fx.Node) -> str:
@@ -49,11 +50,12 @@ class Int8(Pass[Int8Config]):
     exact = False
 
     def needs(self) -> set[Need]:
-        return {Need.CALIBRATION} if self.config.mode == "static" else set()
+        calibrated = self.config.mode == "static" or self.config.outlier_threshold is not None
+        return {Need.CALIBRATION} if calibrated else set()
 
     def run(self, ep, ctx: PassContext) -> PassResult:
         gm, signature, state_dict, constants = edit(ep)
-        ranges = ctx.calibration["tensors"] if self.config.mode == "static" else {}
+        ranges = ctx.calibration["tensors"] if ctx.calibration else {}
         uncalibrated = []
         weights = {s.arg.name: state_dict.get(s.target) for s in signature.input_specs if hasattr(s.arg, "name")}
         counts = {"linear layers quantized": 0, "linear layers excluded": 0, "embeddings quantized": 0}
@@ -74,20 +76,17 @@ class Int8(Pass[Int8Config]):
                 matched.update(hits)
                 counts["linear layers excluded"] += 1
                 continue
-            if self.config.mode == "static" and name not in ranges:
+            if self.needs() and name not in ranges:
                 uncalibrated.append(name)
                 continue
-            q, scale = quantize_weight_per_channel(w)
-            q_node = add_parameter(gm, signature, state_dict, f"{name}.weight_int8", q)
-            s_node = add_parameter(gm, signature, state_dict, f"{name}.weight_scale", scale)
-            if self.config.mode == "static":
-                x_scale = torch.tensor(max(ranges[name]["scale"], 1e-12), dtype=torch.float32)
-                x_node = add_parameter(gm, signature, state_dict, f"{name}.input_scale", x_scale)
-                target, args = torch.ops.effc.int8_linear_static.default, (node.args[0], x_node, q_node, s_node, bias)
-            else:
-                target, args = torch.ops.effc.int8_linear_dynamic.default, (node.args[0], q_node, s_node, bias)
+            x = node.args[0]
+            outliers = self._outliers(ranges.get(name))
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(target, args)
+                if outliers is None:
+                    new = self._int8(gm, signature, state_dict, name, x, w, bias, ranges.get(name))
+                else:
+                    new = self._decompose(gm, signature, state_dict, name, node, x, w, bias, ranges[name], outliers)
+                    counts["outlier features kept in float"] = counts.get("outlier features kept in float", 0) + len(outliers)
             new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
@@ -100,6 +99,41 @@ class Int8(Pass[Int8Config]):
         counts["float weights dropped"] = drop_unused_weights(gm, signature, state_dict, constants)
         changed = counts["linear layers quantized"] + counts.get("embeddings quantized", 0) > 0
         return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
+
+    def _outliers(self, stats: dict | None) -> torch.Tensor | None:
+        """Input features whose calibrated |x| exceeds outlier_threshold (LLM.int8()), or None."""
+        if self.config.outlier_threshold is None or stats is None:
+            return None
+        cols = torch.nonzero(torch.tensor(stats["channel_absmax"]) > self.config.outlier_threshold).flatten()
+        return cols if 0 < cols.numel() < len(stats["channel_absmax"]) else None
+
+    def _int8(self, gm, signature, state_dict, name, x, w, bias, stats, amax: float | None = None) -> torch.fx.Node:
+        """One int8 linear (static with the calibrated scale, else dynamic) replacing linear(x, w, bias)."""
+        q, scale = quantize_weight_per_channel(w)
+        q_node = add_parameter(gm, signature, state_dict, f"{name}.weight_int8", q)
+        s_node = add_parameter(gm, signature, state_dict, f"{name}.weight_scale", scale)
+        if self.config.mode == "static":
+            amax = stats["amax"] if amax is None else amax
+            x_scale = torch.tensor(max(amax / 127, 1e-12), dtype=torch.float32)
+            x_node = add_parameter(gm, signature, state_dict, f"{name}.input_scale", x_scale)
+            return call(gm.graph, torch.ops.effc.int8_linear_static.default, (x, x_node, q_node, s_node, bias))
+        return call(gm.graph, torch.ops.effc.int8_linear_dynamic.default, (x, q_node, s_node, bias))
+
+    def _decompose(self, gm, signature, state_dict, name, node, x, w, bias, stats, outliers) -> torch.fx.Node:
+        """LLM.int8() mixed precision: y = x[:, O] @ W[:, O]^T in float + int8(x[:, ~O]) @ int8(W[:, ~O])^T."""
+        keep = torch.ones(w.shape[1], dtype=torch.bool)
+        keep[outliers] = False
+        inliers = torch.nonzero(keep).flatten()
+        out_idx = add_parameter(gm, signature, state_dict, f"{name}.outlier_index", outliers.to(torch.int64))
+        in_idx = add_parameter(gm, signature, state_dict, f"{name}.inlier_index", inliers.to(torch.int64))
+        w_out = add_parameter(gm, signature, state_dict, f"{name}.outlier_weight", w.detach()[:, outliers].contiguous())
+        x_out = call(gm.graph, aten.index_select.default, (x, -1, out_idx), node)
+        x_in = call(gm.graph, aten.index_select.default, (x, -1, in_idx), node)
+        # the inliers' range without the outlier columns: the point of the decomposition
+        amax = min(stats["amax"], max(stats["channel_absmax"][i] for i in inliers.tolist()))
+        y_in = self._int8(gm, signature, state_dict, name, x_in, w.detach()[:, inliers], bias, stats, amax)
+        y_out = call(gm.graph, aten.linear.default, (x_out, w_out), node)
+        return call(gm.graph, aten.add.Tensor, (y_in, y_out), node)
 
     def _embedding(self, gm, signature, state_dict, weights, node, counts, matched) -> None:
         w = weights.get(getattr(node.args[0], "name", None))

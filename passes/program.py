@@ -87,3 +87,15 @@ def add_parameter(gm: torch.fx.GraphModule, signature: ExportGraphSignature, sta
     signature.input_specs.insert(spec_index, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), fqn, None))
     state_dict[fqn] = torch.nn.Parameter(value, requires_grad=False)
     return node
+
+
+def call(graph: torch.fx.Graph, target, args: tuple, meta_from: torch.fx.Node | None = None) -> torch.fx.Node:
+    """A new call_function node whose meta['val'] is computed from its inputs' fake values."""
+    node = graph.call_function(target, args)
+    vals = torch.fx.node.map_arg(args, lambda n: n.meta["val"])
+    fake_mode = next(a.meta["val"].fake_mode for a in node.all_input_nodes if hasattr(a.meta.get("val"), "fake_mode"))
+    with fake_mode:
+        node.meta["val"] = target(*vals)
+    if meta_from is not None and "nn_module_stack" in meta_from.meta:
+        node.meta["nn_module_stack"] = meta_from.meta["nn_module_stack"]
+    return node
