@@ -25,7 +25,7 @@ import torch
 from effc.errors import EffcError
 
 FORMAT = "effc-calibration"
-VERSION = 1
+VERSION = 2  # 2: per-channel absmax (LLM.int8() outliers)
 BINS = 2048
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
@@ -193,8 +193,11 @@ def read(path: Path, model_sha256: str | None = None) -> dict:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise EffcError(f"cannot read calibration file {path}: {e}") from None
-    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        raise EffcError(f"{path} is not an effc calibration file (version {VERSION}); make one with `effc calibrate`")
+    if doc.get("format") != FORMAT:
+        raise EffcError(f"{path} is not an effc calibration file; make one with `effc calibrate`")
+    if doc.get("version") != VERSION:
+        raise EffcError(f"{path} is calibration format {doc.get('version')}, this effc reads {VERSION}; "
+                        "calibrate again with `effc calibrate`")
     if model_sha256 and doc.get("model_sha256") != model_sha256:
         raise EffcError(f"{path} was calibrated on another model (sha256 {str(doc.get('model_sha256'))[:12]}…, "
                         f"this one {model_sha256[:12]}…); calibrate this model")

@@ -120,18 +120,24 @@ class Int8(Pass[Int8Config]):
         return call(gm.graph, torch.ops.effc.int8_linear_dynamic.default, (x, q_node, s_node, bias))
 
     def _decompose(self, gm, signature, state_dict, name, node, x, w, bias, stats, outliers) -> torch.fx.Node:
-        """LLM.int8() mixed precision: y = x[:, O] @ W[:, O]^T in float + int8(x[:, ~O]) @ int8(W[:, ~O])^T."""
-        keep = torch.ones(w.shape[1], dtype=torch.bool)
-        keep[outliers] = False
-        inliers = torch.nonzero(keep).flatten()
+        """LLM.int8() mixed precision: y = x[:, O] @ W[:, O]^T in float + int8 part over the other features.
+
+        The int8 part keeps x whole and zeroes W's outlier columns, so no copy of x is gathered: static
+        mode quantizes x with the inliers' range (outliers saturate against zero weights); dynamic mode
+        multiplies x by a 0/1 mask first so the run-time range leaves the outliers out."""
+        w = w.detach()
+        inlier = torch.ones(w.shape[1], dtype=torch.bool)
+        inlier[outliers] = False
+        w_in = w * inlier.to(w.dtype)
+        amax = min(stats["amax"], max(v for v, keep in zip(stats["channel_absmax"], inlier.tolist()) if keep))
+        x_in = x
+        if self.config.mode == "dynamic":
+            mask = add_parameter(gm, signature, state_dict, f"{name}.inlier_mask", inlier.to(w.dtype))
+            x_in = call(gm.graph, aten.mul.Tensor, (x, mask), node)
+        y_in = self._int8(gm, signature, state_dict, name, x_in, w_in, bias, stats, amax)
         out_idx = add_parameter(gm, signature, state_dict, f"{name}.outlier_index", outliers.to(torch.int64))
-        in_idx = add_parameter(gm, signature, state_dict, f"{name}.inlier_index", inliers.to(torch.int64))
-        w_out = add_parameter(gm, signature, state_dict, f"{name}.outlier_weight", w.detach()[:, outliers].contiguous())
+        w_out = add_parameter(gm, signature, state_dict, f"{name}.outlier_weight", w[:, outliers].contiguous())
         x_out = call(gm.graph, aten.index_select.default, (x, -1, out_idx), node)
-        x_in = call(gm.graph, aten.index_select.default, (x, -1, in_idx), node)
-        # the inliers' range without the outlier columns: the point of the decomposition
-        amax = min(stats["amax"], max(stats["channel_absmax"][i] for i in inliers.tolist()))
-        y_in = self._int8(gm, signature, state_dict, name, x_in, w.detach()[:, inliers], bias, stats, amax)
         y_out = call(gm.graph, aten.linear.default, (x_out, w_out), node)
         return call(gm.graph, aten.add.Tensor, (y_in, y_out), node)
 

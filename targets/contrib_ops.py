@@ -19,6 +19,13 @@ def _register() -> None:
                          _FP("b_zero_point", "T2", param_option=_OPTIONAL), _FP("bias", "T1", param_option=_OPTIONAL)],
                  outputs=[_FP("Y", "T1")],
                  type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(int8)", "tensor(uint8)"], "")]),
+        OpSchema("MatMulIntegerToFloat", DOMAIN, 1,
+                 inputs=[_FP("A", "T1"), _FP("B", "T2"), _FP("a_scale", "T3"), _FP("b_scale", "T3"),
+                         _FP("a_zero_point", "T1", param_option=_OPTIONAL),
+                         _FP("b_zero_point", "T2", param_option=_OPTIONAL), _FP("bias", "T3", param_option=_OPTIONAL)],
+                 outputs=[_FP("Y", "T3")],
+                 type_constraints=[("T1", ["tensor(int8)", "tensor(uint8)"], ""),
+                                   ("T2", ["tensor(int8)", "tensor(uint8)"], ""), ("T3", ["tensor(float)"], "")]),
     ]
     for schema in schemas:
         try:

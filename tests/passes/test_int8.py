@@ -275,3 +275,13 @@ def calib_llama_npz(tmp_path_factory):
     rng = np.random.default_rng(5)
     np.savez(path, input_ids=rng.integers(0, 512, (32, 24)), attention_mask=np.ones((32, 24), np.int64))
     return path
+
+
+def test_static_ort_uses_integer_gemm(default_model, calib_npz, tmp_path):
+    """On ort every static linear is QuantizeLinear + MatMulIntegerToFloat (no reliance on QDQ fusion)."""
+    model, adapter = default_model
+    report = effc.compile(str(model), tmp_path / "q", adapters=[str(adapter)], passes=["merge_lora", "int8"],
+                          pass_config=["int8.mode=static"], calib_data=str(calib_npz), target="ort")
+    assert report.verification["passed"]
+    assert report.onnx_ops["com.microsoft.MatMulIntegerToFloat"] == 29
+    assert report.accuracy_vs_eager["outputs"][0]["cosine"] > 0.99
