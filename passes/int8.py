@@ -66,16 +66,11 @@ class Int8(Pass[Int8Config]):
                 continue
             if node.target is not aten.linear.default:
                 continue
-            w = weights.get(getattr(node.args[1], "name", None))
+            w, name = self._select(weights, node.args[1], node, matched)
+            if w is None:
+                counts["linear layers excluded"] += name is not None
+                continue
             bias = node.args[2] if len(node.args) > 2 else None
-            if w is None or w.dim() != 2 or not w.is_floating_point():
-                continue
-            name = module_name(node)
-            hits = [p for p in self.config.exclude if fnmatch.fnmatchcase(name, p)]
-            if hits:
-                matched.update(hits)
-                counts["linear layers excluded"] += 1
-                continue
             if self.needs() and name not in ranges:
                 uncalibrated.append(name)
                 continue
@@ -141,14 +136,20 @@ class Int8(Pass[Int8Config]):
         y_out = call(gm.graph, aten.linear.default, (x_out, w_out), node)
         return call(gm.graph, aten.add.Tensor, (y_in, y_out), node)
 
-    def _embedding(self, gm, signature, state_dict, weights, node, counts, matched) -> None:
-        w = weights.get(getattr(node.args[0], "name", None))
+    def _select(self, weights, weight_arg, node, matched: set[str]) -> tuple[torch.Tensor | None, str | None]:
+        """The annotate step: (weight, module name) of a layer to quantize; (None, name) when int8.exclude
+        keeps it in float; (None, None) when its weight is not a 2-D float parameter."""
+        w = weights.get(getattr(weight_arg, "name", None))
         if w is None or w.dim() != 2 or not w.is_floating_point():
-            return
+            return None, None
         name = module_name(node)
         hits = [p for p in self.config.exclude if fnmatch.fnmatchcase(name, p)]
-        if hits:
-            matched.update(hits)
+        matched.update(hits)
+        return (None, name) if hits else (w, name)
+
+    def _embedding(self, gm, signature, state_dict, weights, node, counts, matched) -> None:
+        w, name = self._select(weights, node.args[0], node, matched)
+        if w is None:
             return
         q, scale = quantize_rows(w)
         q_node = add_parameter(gm, signature, state_dict, f"{name}.weight_int8", q)

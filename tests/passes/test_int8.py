@@ -178,12 +178,17 @@ def test_static_needs_calibration(default_model, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def token_npz(tmp_path_factory, vocab: int, seed: int):
+    """32 samples of 24 random token ids: calibration data for a random-weight model."""
+    path = tmp_path_factory.mktemp("calib") / "data.npz"
+    rng = np.random.default_rng(seed)
+    np.savez(path, input_ids=rng.integers(0, vocab, (32, 24)), attention_mask=np.ones((32, 24), np.int64))
+    return path
+
+
 @pytest.fixture(scope="module")
 def calib_npz(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "data.npz"
-    rng = np.random.default_rng(4)
-    np.savez(path, input_ids=rng.integers(0, 1024, (32, 24)), attention_mask=np.ones((32, 24), np.int64))
-    return path
+    return token_npz(tmp_path_factory, 1024, seed=4)
 
 
 def test_static_onnx_is_explicit_int8_qdq(default_model, calib_npz, tmp_path):
@@ -271,10 +276,7 @@ def test_llm_int8_outlier_decomposition(calib_llama_npz, tmp_path):
 
 @pytest.fixture(scope="module")
 def calib_llama_npz(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib_llama") / "data.npz"
-    rng = np.random.default_rng(5)
-    np.savez(path, input_ids=rng.integers(0, 512, (32, 24)), attention_mask=np.ones((32, 24), np.int64))
-    return path
+    return token_npz(tmp_path_factory, 512, seed=5)
 
 
 def test_static_ort_uses_integer_gemm(default_model, calib_npz, tmp_path):
