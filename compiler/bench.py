@@ -128,18 +128,17 @@ def _child(argv: list[str]) -> None:
         import torch
 
         from effc import sources
-        from effc.capture import NamedOutputs, _named_tensors, prepare
+        from effc.capture import named_module
         from effc.runtime.manifest import read_manifest
 
         torch.set_num_threads(a.threads)
         manifest = read_manifest(Path(a.artifact))
         src = manifest["source"]
         base = _rss_kb("VmRSS")
-        model = prepare(sources.load(src.get("path") or src["spec"], [x["path"] for x in src["adapters"]]).model)
+        model = sources.load(src.get("path") or src["spec"], [x["path"] for x in src["adapters"]]).model
         tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
+        module, _ = named_module(model, tensors)
         with torch.no_grad():
-            names = list(_named_tensors(model(**tensors)))
-            module = NamedOutputs(model, list(tensors), names)
             for _ in range(a.warmup):
                 module(**tensors)
             times = []

@@ -150,7 +150,7 @@ def linear_inputs(module: torch.fx.GraphModule) -> dict[str, str]:
 
 
 def calibrate(program: torch.export.ExportedProgram, batches: Iterator[dict[str, torch.Tensor]],
-              total: int | None = None, progress: Callable[[int], None] | None = None
+              progress: Callable[[int], None] | None = None
               ) -> tuple[dict[str, Histogram], dict[str, np.ndarray]]:
     module = program.module()
     collector = Collector(module, linear_inputs(module))
@@ -170,8 +170,6 @@ def calibrate(program: torch.export.ExportedProgram, batches: Iterator[dict[str,
 
 def summarize(histograms: dict[str, Histogram], channel_absmax: dict[str, np.ndarray], method: str,
               percentile: float = 99.99) -> dict[str, dict]:
-    if method not in AMAX:
-        raise EffcError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
     out = {}
     for name, h in histograms.items():
         amax = AMAX[method](h, percentile=percentile)
@@ -236,9 +234,9 @@ def collect(src, program, example: dict, data: str, method: str = "entropy", sam
                              batch_size, samples)
     if progress_bar is not None:
         with progress_bar(total) as bar:
-            histograms, channels = calibrate(program, stream, total, bar.update)
+            histograms, channels = calibrate(program, stream, bar.update)
     else:
-        histograms, channels = calibrate(program, stream, total)
+        histograms, channels = calibrate(program, stream)
     return {"format": FORMAT, "version": VERSION, "method": method, "model_sha256": src.fingerprint,
             "data_sha256": data_sha256(Path(data)), "samples": total, "inputs": list(example),
             "tensors": summarize(histograms, channels, method, percentile)}

@@ -94,12 +94,20 @@ def _capture_error(e: Exception) -> CaptureError:
     return CaptureError(f"torch.export failed{_where(e)}: {type(e).__name__}: {first[:400]}{hint}")
 
 
-def capture(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
-            dynamic: dict[str, dict[int, str]]) -> Captured:
+def named_module(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[NamedOutputs, dict]:
+    """The prepared eager model wrapped with named inputs and outputs, and its outputs (numpy) on
+    `inputs`: one eager run tells the output names and gives the values."""
     model = prepare(model)
     with torch.no_grad():
-        output_names = list(_named_tensors(model(**inputs)))
-    wrapper = NamedOutputs(model, list(inputs), output_names).eval()
+        named = _named_tensors(model(**inputs))
+    wrapper = NamedOutputs(model, list(inputs), list(named)).eval()
+    return wrapper, {k: v.detach().cpu().numpy() for k, v in named.items()}
+
+
+def capture(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+            dynamic: dict[str, dict[int, str]]) -> Captured:
+    wrapper, _ = named_module(model, inputs)
+    output_names = wrapper.output_names
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     dims: dict[str, Dim] = {}
     shapes = {name: {axis: dims.setdefault(dim, Dim(dim, max=limit) if dim == "sequence" and limit else Dim(dim))

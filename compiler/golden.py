@@ -46,10 +46,10 @@ def record(source: str, output: str | Path, adapters=(), inputs_npz: str | None 
 
     from effc import inputs as inputs_mod
     from effc import sources
-    from effc.capture import NamedOutputs, _named_tensors, prepare, run_torch
+    from effc.capture import named_module
 
     src = sources.load(source, adapters)
-    model = prepare(src.model)
+    model = src.model
     if inputs_npz:
         feeds = {k: torch.from_numpy(v) for k, v in inputs_mod.load_npz(inputs_npz).items()}
     else:
@@ -57,11 +57,9 @@ def record(source: str, output: str | Path, adapters=(), inputs_npz: str | None 
         feeds = (inputs_mod.make_text_inputs(list(example), src.config, tuple(example["input_ids"].shape), seed=7, pad=True)
                  if "input_ids" in example and src.config is not None else example)
     try:
-        with torch.no_grad():
-            names = list(_named_tensors(model(**feeds)))
+        _, outputs = named_module(model, feeds)
     except TypeError as e:
         raise EffcError(f"the inputs do not fit the model's forward ({e}); name the arrays as its arguments") from None
-    outputs = run_torch(NamedOutputs(model, list(feeds), names), feeds, names)
     np_inputs = {k: v.numpy() for k, v in feeds.items()}
     save(Path(output), np_inputs, outputs, {"source": src.describe(), "reference": "eager PyTorch (fp32)"})
     return outputs
