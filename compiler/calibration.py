@@ -140,7 +140,7 @@ class Collector(torch.fx.Interpreter):
 
 def linear_inputs(module: torch.fx.GraphModule) -> dict[str, str]:
     """fx node name -> '<module>' for every aten.linear in the unlifted graph (tensor = that layer's input)."""
-    from effc.passes.int8 import module_name
+    from effc.passes.program import module_name
 
     names = {}
     for node in module.graph.nodes:

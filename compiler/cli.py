@@ -169,6 +169,39 @@ def calibrate(model, data, method, samples, max_length, batch_size, percentile, 
                f"amax {min(amax):.3g}..{max(amax):.3g}" + (f"; TensorRT cache {trt_cache}" if trt_cache else ""))
 
 
+@main.command()
+@click.argument("model")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Text (.txt lines, .jsonl 'text'), .npz of inputs, or a directory of them.")
+@click.option("--samples", default=32, show_default=True, help="Use at most this many samples.")
+@click.option("--max-length", default=128, show_default=True, help="Token limit per text sample.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--adapter", "adapters", multiple=True, help="PEFT adapter directory the artifact was compiled with.")
+@click.option("--top", default=15, show_default=True, help="Rows of the ranking to print (0: all).")
+@click.option("--plot", type=click.Path(path_type=Path), help="Also draw the error per layer to this .png.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the full report as JSON.")
+def debug(model, artifact, data, samples, max_length, batch_size, adapters, top, plot, json_out):
+    """Rank ARTIFACT's layers by the error each adds against the float MODEL on DATA."""
+    from effc.debug import debug as run_debug
+
+    def bar(total):
+        return click.progressbar(length=total, label="comparing", show_eta=True, show_pos=True, file=sys.stderr)
+
+    report = run_debug(model, artifact, data, adapters=adapters, samples=samples, max_length=max_length,
+                       batch_size=batch_size, progress_bar=bar)
+    for name, o in report.outputs.items():
+        click.echo(f"output {name}: SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.5f}, max |Δ| {o['max_abs']:.3g}")
+    click.echo(f"layers ranked by the error they add ({len(report.rows)} compared):")
+    click.echo(report.table(top or None))
+    click.echo(report.advice())
+    if plot:
+        report.plot(str(plot))
+        click.echo(f"wrote {plot}")
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+        click.echo(f"wrote {json_out}")
+
+
 @main.group()
 def golden():
     """Record reference outputs from eager PyTorch and check artifacts against them."""

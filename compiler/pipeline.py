@@ -210,6 +210,9 @@ def compile(  # noqa: A001 - the product's verb
             (f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in model_proto.graph.node
         ).most_common())
         io_in, io_out = _io_metadata(model_proto)
+        values = {o for n in model_proto.graph.node for o in n.output} | {i.name for i in model_proto.graph.input}
+        layer_probes = {name: {end: v if v in values else None for end, v in p.items()}
+                        for name, p in built.probes.items() if p["output"] in values}
         manifest = {
             "effc_version": effc.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -222,6 +225,7 @@ def compile(  # noqa: A001 - the product's verb
         }
         if weight_sets:
             manifest["adapters"] = weight_sets
+        manifest["probes"] = layer_probes  # layer -> the artifact's values at its input and output (effc debug)
         write_manifest(tmp, manifest)  # provisional, so the runtime can open it for verification
 
         if verify:

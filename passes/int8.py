@@ -19,7 +19,7 @@ import torch
 
 from effc.ops import quantize_rows, quantize_weight_per_channel
 from effc.passes.base import Level, Need, Pass, PassConfig, PassContext, PassResult
-from effc.passes.program import add_parameter, call, drop_unused_weights, edit, rebuild
+from effc.passes.program import add_parameter, call, drop_unused_weights, edit, module_name, rebuild
 
 aten = torch.ops.aten
 
@@ -30,15 +30,6 @@ class Int8Config(PassConfig):
     exclude: tuple[str, ...] = ()  # globs of module names kept in float, e.g. lm_head,*.down_proj
     embeddings: bool = True  # int8 embedding tables too (one scale per row); they are most of a small model
     outlier_threshold: float | None = None  # LLM.int8(): input features whose calibrated |x| exceeds this stay float
-
-
-def module_name(node: torch.fx.Node) -> str:
-    """The module a node was traced in, without the NamedOutputs wrapper's leading 'model.' and without
-    peft's '.base_layer', so a layer has one name before and after merge_lora (calibration files match)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else node.name
-    path = path.replace(".base_layer", "")
-    return path[len("model."):] if path.startswith("model.") else path
 
 
 class Int8(Pass[Int8Config]):

@@ -99,3 +99,16 @@ def call(graph: torch.fx.Graph, target, args: tuple, meta_from: torch.fx.Node | 
     if meta_from is not None and "nn_module_stack" in meta_from.meta:
         node.meta["nn_module_stack"] = meta_from.meta["nn_module_stack"]
     return node
+
+
+def module_name(node: torch.fx.Node) -> str:
+    """The module a node was traced in, without the NamedOutputs wrapper's leading 'model.' and without
+    peft's '.base_layer', so a layer has one name before and after merge_lora (calibration files match)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return module_path(list(stack.values())[-1][0] if stack else node.name)
+
+
+def module_path(path: str) -> str:
+    """A module path as the wrapper saw it (model.<name>[.base_layer]) -> the layer's name."""
+    path = path.replace(".base_layer", "")
+    return path[len("model."):] if path.startswith("model.") else path

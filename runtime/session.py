@@ -36,7 +36,7 @@ class Session:
     """An opened artifact. Use `effc.runtime.open(path)`; it checks the artifact's hashes first."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 verify_hashes: bool = True):
+                 verify_hashes: bool = True, taps: list[str] | tuple[str, ...] = ()):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -58,10 +58,23 @@ class Session:
         self._weight_sets: dict[str, dict[str, np.ndarray]] = {}
         self.adapter = self._adapters.get("default")
         model = self.path / self.manifest["model_file"]
+        self.taps = list(taps)
         try:
-            self._session = ort.InferenceSession(str(model), sess_options=opts, providers=self.providers)
+            self._session = ort.InferenceSession(self._with_taps(model) if taps else str(model), sess_options=opts,
+                                                 providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise EffcError(f"onnxruntime could not load {model}: {str(e).splitlines()[0]}") from None
+
+    def _with_taps(self, model: Path) -> bytes:
+        """The model with intermediate values (`taps`) as extra outputs, for the layer-wise debugger."""
+        import onnx
+
+        proto = onnx.load(str(model))
+        have = {o.name for o in proto.graph.output}
+        for name in self.taps:
+            if name not in have:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+        return proto.SerializeToString()
 
     def __enter__(self) -> Session:
         return self
@@ -133,7 +146,7 @@ class Session:
         """Run once; `adapter` picks a switchable adapter for this run only (default: the selected one)."""
         feeds = self.validate(feeds)
         feeds.update(self._weights(adapter or self.adapter))
-        names = [o.name for o in self.outputs]
+        names = [o.name for o in self.outputs] + self.taps
         values = self._session.run(names, feeds)
         return dict(zip(names, values))
 

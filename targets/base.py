@@ -17,6 +17,7 @@ class BuildResult:
     model_file: str  # relative to the artifact directory
     files: list[str]
     info: dict = field(default_factory=dict)  # opset, providers, optimization level...
+    probes: dict = field(default_factory=dict)  # layer -> ONNX values at its input/output (effc debug)
 
 
 class Target:
@@ -35,6 +36,14 @@ class Target:
               output_names: list[str], dynamic: dict[str, dict[int, str]], out_dir: Path,
               overridable: frozenset[str] = frozenset()) -> BuildResult:
         raise NotImplementedError
+
+
+def layers(program: torch.export.ExportedProgram) -> dict[str, str | None]:
+    """The program's layers (modules running a linear, an embedding or an effc op) in graph order, each
+    with the fx node of its input."""
+    from effc.layerwise import probes
+
+    return {name: p["input"] for name, p in probes(program.graph_module).items()}
 
 
 TARGETS: dict[str, str] = {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from effc.errors import EffcError
 from effc.targets import onnx_export
-from effc.targets.base import BuildResult, Target
+from effc.targets.base import BuildResult, Target, layers
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -29,4 +29,5 @@ class OnnxTarget(Target):
             raise EffcError(f"the graph uses operators outside the standard ONNX opset ({', '.join(custom)}); "
                             "use --target ort, or drop the pass that introduced them")
         files = onnx_export.save(model, out_dir / "model.onnx")
-        return BuildResult("model.onnx", files, {"opset": onnx_export.OPSET})
+        return BuildResult("model.onnx", files, {"opset": onnx_export.OPSET},
+                           onnx_export.layer_values(model, layers(program)))

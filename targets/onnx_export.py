@@ -87,6 +87,49 @@ def _make_overridable(model: onnx.ModelProto, names: frozenset[str]) -> None:
         model.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
 
 
+def layer_values(model: onnx.ModelProto, layers: dict[str, str | None]) -> dict[str, dict[str, str | None]]:
+    """layer (module name) -> {"input", "output"}: the ONNX values at its boundary, from the exporter's
+    name scopes. The output is the last value of the layer's nodes that another module reads; the input
+    is the first value its first node reads from another module's node. `layers` maps each layer to
+    its input in the fx graph: layers sharing one (q/k/v) share the input value found for any of them,
+    since the exporter may compute what they share (a quantized activation) once, in one of them."""
+    import ast
+
+    from effc.passes.program import module_path
+
+    module_of, nodes = {}, {}
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if not scopes:
+            continue
+        path = ast.literal_eval(scopes)
+        if len(path) >= 2:
+            name = module_path(path[-2])
+            nodes.setdefault(name, []).append(node)
+            for out in node.output:
+                module_of[out] = name
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for value in node.input:
+            readers.setdefault(value, set()).add(next((module_of[o] for o in node.output if o in module_of), ""))
+    outputs = {o.name for o in model.graph.output}
+    found = {}
+    for name in layers:
+        mine = nodes.get(name)
+        if not mine:
+            continue
+        exits = [o for n in mine for o in n.output if o in outputs or readers.get(o, set()) - {name}]
+        if not exits:
+            continue
+        entry = next((v for v in mine[0].input if v in module_of and module_of[v] != name), None)
+        found[name] = {"input": entry, "output": exits[-1]}
+    shared = {layers[n]: p["input"] for n, p in found.items() if p["input"] and layers[n]}
+    for name, p in found.items():
+        if p["input"] is None and layers[name]:
+            p["input"] = shared.get(layers[name])
+    return found
+
+
 # Kept: which module / fx node each ONNX node came from (the layer-wise debugger maps by these).
 # Dropped: stack traces and class lists, which hold build-machine paths and grow the file ~70%.
 _DEBUG_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy")

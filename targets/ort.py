@@ -8,7 +8,7 @@ from pathlib import Path
 
 from effc.runtime.session import available_providers
 from effc.targets import onnx_export
-from effc.targets.base import BuildResult, Target
+from effc.targets.base import BuildResult, Target, layers
 
 # EXTENDED, not ALL: ALL adds layout transforms specific to this machine's CPU (NCHWc), which ORT's
 # docs say not to save for use on other machines.
@@ -48,4 +48,4 @@ class OrtTarget(Target):
         return BuildResult("model.onnx", files, {
             "opset": onnx_export.OPSET, "optimization_level": OPTIMIZATION_LEVEL, "providers": providers,
             "onnxruntime": ort.__version__,
-        })
+        }, onnx_export.layer_values(model, layers(program)))

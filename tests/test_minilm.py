@@ -3,7 +3,6 @@ golden, a corrupted weight fails the check (exit 1), a tampered file is refused 
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnx
@@ -14,7 +13,7 @@ from onnx import numpy_helper
 from effc.cli import main
 from effc.golden import load as load_golden
 from effc.golden import save as save_golden
-from effc.runtime.manifest import MANIFEST, file_hashes
+from tests.artifacts import rewrite_manifest_hashes
 from tests.conftest import GOLDENS
 
 SENTENCES = [
@@ -82,12 +81,6 @@ def test_eager_matches_stored_golden(golden, update_goldens):
     assert (pooled @ pooled.T)[0, 1] < 0.9
 
 
-def _rewrite_manifest_hashes(artifact):
-    manifest = json.loads((artifact / MANIFEST).read_text())
-    manifest["files"] = file_hashes(artifact)
-    (artifact / MANIFEST).write_text(json.dumps(manifest))
-
-
 def test_corrupted_weight_fails_check(compiled, golden, tmp_path):
     """One weight changed (and the manifest re-hashed, so only the numbers can tell): exit code 1."""
     import shutil
@@ -101,7 +94,7 @@ def test_corrupted_weight_fails_check(compiled, golden, tmp_path):
     w.flat[w.size // 2] += 1.0  # one weight of the first projection
     big.CopyFrom(numpy_helper.from_array(w, big.name))
     onnx.save(model, bad / "model.onnx")
-    _rewrite_manifest_hashes(bad)
+    rewrite_manifest_hashes(bad)
     result = CliRunner().invoke(main, ["golden", "check", str(bad), str(golden), "--atol", "1e-4", "--rtol", "1e-3"])
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output

@@ -1,0 +1,63 @@
+"""`effc debug SOURCE ARTIFACT --data DATA`: run the float model and the compiled artifact on the same
+inputs and rank the layers by the error each one adds (effc.layerwise)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from effc.errors import EffcError
+from effc.layerwise import LayerComparison, LayerReport, graph_taps, probes, tap_names
+
+
+def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples: int | None = 32,
+          max_length: int = 128, batch_size: int = 8, progress_bar=None) -> LayerReport:
+    from effc import dataset, sources
+    from effc.capture import capture, run_torch
+    from effc.inputs import dynamic_dims, example_inputs
+    from effc.runtime.manifest import read_manifest
+    from effc.runtime.session import Session
+
+    manifest = read_manifest(Path(artifact))
+    artifact_probes = manifest.get("probes")
+    if not artifact_probes:
+        raise EffcError(f"{artifact} records no layer probes (built by an older effc, or it has no layers); "
+                        "compile it again with this effc")
+    src = sources.load(source, adapters)
+    built_from = manifest.get("source", {}).get("sha256")
+    if built_from and built_from != src.sha256:
+        raise EffcError(f"{artifact} was compiled from another model (sha256 {built_from[:12]}…, {source} is "
+                        f"{src.sha256[:12]}…); give the SOURCE it was compiled from")
+    example = example_inputs(src.model, src.config, None, src.example_inputs)
+    captured = capture(src.model, example, dynamic_dims(example))
+    module = captured.program.module()
+    float_probes = probes(module)
+    comparison = LayerComparison(float_probes, artifact_probes)
+    if not comparison.layers:
+        raise EffcError(f"no layer of {source} matches a probe of {artifact}; is it the model it was compiled from?")
+    names = tap_names({k: float_probes[k] for k in comparison.layers})
+    total = dataset.count(data) if samples is None else min(dataset.count(data), samples)
+    if total == 0:
+        raise EffcError(f"the dataset {data} is empty: give at least one sample")
+    stream = dataset.batches(data, captured.input_names, src.spec if src.kind == "hf_dir" else None, max_length,
+                             batch_size, samples)
+    taps = tap_names({k: artifact_probes[k] for k in comparison.layers})
+    with Session(artifact, taps=taps) as session, (progress_bar or _no_bar)(total) as bar:
+        for feeds in stream:
+            np_feeds = {k: v.numpy() for k, v in feeds.items()}
+            got = session.run(np_feeds)
+            mask = np_feeds.get("attention_mask")
+            comparison.add(graph_taps(module, names, feeds), got, mask)
+            comparison.add_outputs(run_torch(captured.module, feeds, captured.output_names),
+                                   {k: got[k] for k in captured.output_names}, mask)
+            bar.update(len(next(iter(np_feeds.values()))))
+    return comparison.report()
+
+
+@contextlib.contextmanager
+def _no_bar(_total: int):
+    class Bar:
+        def update(self, _n: int) -> None:
+            pass
+
+    yield Bar()

@@ -1,0 +1,237 @@
+"""Layer-wise accuracy: where a compiled (quantized) model departs from the float one, layer by layer.
+
+Each layer (a module that runs a linear, an embedding or an effc op) is probed at its input and output.
+A layer's own damage is the noise it adds: the relative noise power at its output minus that at its
+input (noise that reaches a linear layer's input leaves it at about the same relative power), shown as
+an SQNR in dB, the "layer SQNR". Ranking by it names the layer that broke things rather than every
+layer downstream of it. The same comparison serves `effc debug` (float model vs artifact) and
+int8.auto_exclude (float graph vs quantized graph, both in PyTorch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from effc.passes.program import module_name
+
+# Own noise this far above the median layer's (4x power) marks where the error jumps.
+JUMP_DB = 6.0
+
+
+def is_layer(node: torch.fx.Node) -> bool:
+    target = node.target
+    return node.op == "call_function" and (
+        target in (torch.ops.aten.linear.default, torch.ops.aten.embedding.default)
+        or getattr(target, "namespace", None) == "effc")
+
+
+def probes(gm: torch.fx.GraphModule) -> dict[str, dict[str, str | None]]:
+    """module name -> {"input": fx node name or None, "output": fx node name}, in graph order.
+
+    The output is the module's last node that something outside the module reads; the input is the
+    first float activation its first node reads from outside (None for embeddings: indices are exact)."""
+    nodes: dict[str, list[torch.fx.Node]] = {}
+    layers = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not node.meta.get("nn_module_stack"):
+            continue
+        name = module_name(node)
+        nodes.setdefault(name, []).append(node)
+        if is_layer(node) and name not in layers:
+            layers.append(name)
+    out = {}
+    for name in layers:
+        inside = set(nodes[name])
+        exits = [n for n in nodes[name] if any(u not in inside for u in n.users)]
+        if not exits:
+            continue
+        first = nodes[name][0]
+        activation = next((a for a in first.all_input_nodes if a not in inside and a.op == "call_function"
+                           and _is_float(a)), None)
+        out[name] = {"input": activation.name if activation is not None else None, "output": exits[-1].name}
+    return out
+
+
+def _is_float(node: torch.fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def tap_names(layer_probes: dict[str, dict]) -> list[str]:
+    return sorted({v for p in layer_probes.values() for v in p.values() if v})
+
+
+class _Tapper(torch.fx.Interpreter):
+    """Runs a graph module and keeps the values of the named nodes."""
+
+    def __init__(self, module: torch.fx.GraphModule, names: set[str]):
+        super().__init__(module)
+        self.names = names
+        self.taps: dict[str, np.ndarray] = {}
+
+    def run_node(self, n: torch.fx.Node):
+        value = super().run_node(n)
+        if n.name in self.names:
+            self.taps[n.name] = value.detach().float().numpy()
+        return value
+
+
+def graph_taps(module: torch.fx.GraphModule, names: list[str], feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Values of the named nodes of an ExportedProgram's module() on one batch."""
+    tapper = _Tapper(module, set(names))
+    order = [n.target for n in module.graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        tapper.run(*[feeds[k] for k in order])
+    return tapper.taps
+
+
+@dataclass
+class _Noise:
+    """Signal, noise and cosine terms summed over batches (padding positions left out)."""
+    signal: float = 0.0
+    noise: float = 0.0
+    dot: float = 0.0
+    got_sq: float = 0.0
+    max_abs: float = 0.0
+
+    def add(self, ref: np.ndarray, got: np.ndarray, valid: np.ndarray | None) -> None:
+        if valid is not None and ref.ndim >= 2 and ref.shape[:2] == valid.shape:
+            ref, got = ref[valid], got[valid]
+        r, g = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
+        d = g - r
+        self.signal += float(r @ r)
+        self.noise += float(d @ d)
+        self.dot += float(r @ g)
+        self.got_sq += float(g @ g)
+        self.max_abs = max(self.max_abs, float(np.abs(d).max()) if d.size else 0.0)
+
+    @property
+    def relative(self) -> float:
+        return self.noise / self.signal if self.signal > 0 else (0.0 if self.noise == 0 else math.inf)
+
+    @property
+    def cosine(self) -> float:
+        norm = math.sqrt(self.signal * self.got_sq)
+        return self.dot / norm if norm > 0 else 1.0
+
+
+def db(relative_noise: float) -> float:
+    """Relative noise power as SQNR in dB (inf when there is none)."""
+    return math.inf if relative_noise <= 0 else -10 * math.log10(relative_noise)
+
+
+@dataclass
+class LayerRow:
+    name: str
+    order: int
+    sqnr_in_db: float | None  # None: the layer's input is exact by construction (embedding indices)
+    sqnr_out_db: float
+    layer_sqnr_db: float  # the noise this layer adds, as an SQNR; lower is worse
+    cosine_out: float
+    max_abs_out: float
+
+
+@dataclass
+class LayerReport:
+    rows: list[LayerRow]  # execution order
+    first_jump: str | None
+    outputs: dict[str, dict] = field(default_factory=dict)  # model output name -> sqnr_db, cosine, max_abs
+
+    def ranked(self) -> list[LayerRow]:
+        return sorted(self.rows, key=lambda r: (r.layer_sqnr_db, r.order))
+
+    def to_dict(self) -> dict:
+        return {"first_jump": self.first_jump, "outputs": self.outputs,
+                "ranked": [asdict(r) for r in self.ranked()]}
+
+    def table(self, top: int | None = 15) -> str:
+        ranked = self.ranked()[:top] if top else self.ranked()
+        width = max([len(r.name) for r in ranked] + [5])
+        lines = [f"{'rank':>4}  {'layer':<{width}}  {'layer SQNR':>10}  {'SQNR in':>8}  {'SQNR out':>8}  "
+                 f"{'cosine out':>10}  {'max |Δ| out':>11}"]
+        for i, r in enumerate(ranked, 1):
+            sin = "exact" if r.sqnr_in_db is None else f"{r.sqnr_in_db:.1f}"
+            lines.append(f"{i:>4}  {r.name:<{width}}  {r.layer_sqnr_db:>10.1f}  {sin:>8}  {r.sqnr_out_db:>8.1f}  "
+                         f"{r.cosine_out:>10.5f}  {r.max_abs_out:>11.3g}")
+        return "\n".join(lines)
+
+    def advice(self, worst: int = 3) -> str:
+        names = [r.name for r in self.ranked()[:worst]]
+        jump = f"the error first jumps at {self.first_jump}; " if self.first_jump else ""
+        return (f"{jump}most damage is added by {', '.join(names)}. To keep them in float: "
+                f"--pass-config int8.exclude={','.join(names)}")
+
+    def plot(self, path: str) -> None:
+        """Error per layer in execution order: the layer's own SQNR (bars) and the SQNR at its output (line)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        x = np.arange(len(self.rows))
+        own = [min(r.layer_sqnr_db, 120.0) for r in self.rows]
+        fig, ax = plt.subplots(figsize=(max(8.0, 0.22 * len(self.rows)), 4.5))
+        ax.bar(x, own, color="tab:orange", label="layer SQNR (noise this layer adds), dB")
+        ax.plot(x, [min(r.sqnr_out_db, 120.0) for r in self.rows], "o-", ms=3, label="SQNR at layer output, dB")
+        ax.set_xticks(x, [r.name for r in self.rows], rotation=90, fontsize=6)
+        ax.set_ylabel("dB (higher is better)")
+        ax.set_title("effc debug: error per layer vs the float model")
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+class LayerComparison:
+    """Streams batches of (float taps, other taps) for layers probed in both, then reports per layer.
+
+    `reference` and `other` map module name -> {"input", "output"} tap names in their own graphs."""
+
+    def __init__(self, reference: dict[str, dict], other: dict[str, dict]):
+        self.layers = [name for name in reference if name in other]
+        self.reference, self.other = reference, other
+        self.noise = {(name, end): _Noise() for name in self.layers for end in ("input", "output")}
+        self.outputs: dict[str, _Noise] = {}
+
+    def add(self, ref_taps: dict, other_taps: dict, attention_mask: np.ndarray | None = None) -> None:
+        valid = None if attention_mask is None else attention_mask != 0
+        for name in self.layers:
+            for end in ("input", "output"):
+                r, o = self.reference[name][end], self.other[name][end]
+                if (r and o and r in ref_taps and o in other_taps and other_taps[o].dtype.kind == "f"
+                        and ref_taps[r].shape == other_taps[o].shape):
+                    self.noise[(name, end)].add(ref_taps[r], other_taps[o], valid)
+
+    def add_outputs(self, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
+                    attention_mask: np.ndarray | None = None) -> None:
+        valid = None if attention_mask is None else attention_mask != 0
+        for name, value in ref.items():
+            self.outputs.setdefault(name, _Noise()).add(value, got[name], valid)
+
+    def report(self) -> LayerReport:
+        rows = []
+        for i, name in enumerate(self.layers):
+            out = self.noise[(name, "output")]
+            if out.signal == 0:
+                continue  # never seen (e.g. the artifact's optimizer fused the value away)
+            inp = self.noise[(name, "input")]
+            has_input = self.reference[name]["input"] is not None and inp.signal > 0
+            added = out.relative - (inp.relative if has_input else 0.0)
+            rows.append(LayerRow(name, i, db(inp.relative) if has_input else None, db(out.relative),
+                                 db(added), out.cosine, out.max_abs))
+        return LayerReport(rows, _first_jump(rows), {
+            name: {"sqnr_db": db(n.relative), "cosine": n.cosine, "max_abs": n.max_abs}
+            for name, n in self.outputs.items()})
+
+
+def _first_jump(rows: list[LayerRow]) -> str | None:
+    """The earliest layer whose own noise is JUMP_DB above the median layer's."""
+    finite = [r.layer_sqnr_db for r in rows if math.isfinite(r.layer_sqnr_db)]
+    if len(finite) < 2:
+        return None
+    median = float(np.median(finite))
+    return next((r.name for r in rows if r.layer_sqnr_db <= median - JUMP_DB), None)
