@@ -87,3 +87,41 @@ def int8_linear_static(x: torch.Tensor, x_scale: torch.Tensor, weight_t: torch.T
 @int8_linear_static.register_fake
 def _(x, x_scale, weight_t, weight_scale, bias=None):
     return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+
+def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per token (row of the last dim): scale = absmax / 127 in float32,
+    q = round_half_even(x / scale) in [-127, 127]; an all-zero row gets scale 1."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round(x / scale), scale
+
+
+@torch.library.custom_op("effc::int8_linear_per_token", mutates_args=())
+def int8_linear_per_token(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dynamic W8A8 with activations quantized per token at run time (symmetric int8) and int8 weights
+    per output channel; exact integer accumulation."""
+    q, scale = quantize_activation_per_token(x)
+    acc = q.double() @ weight_t.double()
+    y = (acc * (scale.double() * weight_scale.double())).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+@int8_linear_per_token.register_fake
+def _(x, weight_t, weight_scale, bias=None):
+    return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+
+@torch.library.custom_op("effc::int8_linear_weight_only", mutates_args=())
+def int8_linear_weight_only(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 weights per output channel, float activations: y = x @ (weight_t * weight_scale) + bias."""
+    y = x @ (weight_t.to(x.dtype) * weight_scale.to(x.dtype))
+    return y if bias is None else y + bias
+
+
+@int8_linear_weight_only.register_fake
+def _(x, weight_t, weight_scale, bias=None):
+    return x.new_empty(*x.shape[:-1], weight_t.shape[1])

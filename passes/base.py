@@ -85,6 +85,8 @@ class PassContext:
     calibration: Any = None
     source: Any = None
     log: Any = print
+    # A few batches of real inputs (from --calib-data) for passes that measure accuracy while they work.
+    data: list[dict[str, Any]] | None = None
     # Weight sets the runtime swaps in per run (switchable adapters): set name -> parameter name -> array.
     # Their parameters become overridable ONNX initializers; the first set is the default.
     weight_sets: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -1,6 +1,7 @@
 """int8: quantize linear layers to int8 weights per output channel. Activations: `dynamic` mode quantizes
-them at run time; `static` mode (W8A8) uses ranges calibrated beforehand (`effc calibrate`, then
-`--calib FILE`, or `--calib-data DATA` inline), symmetric int8 with zero point 0.
+them at run time (per tensor, ONNX Runtime's fused kernel, or per token); `static` mode (W8A8) uses
+ranges calibrated beforehand (`effc calibrate`, then `--calib FILE`, or `--calib-data DATA` inline),
+symmetric int8 with zero point 0; `weight_only` keeps activations in float.
 
 annotate (which linears, by module-name globs) then convert (each chosen linear becomes the custom op
 effc::int8_linear_dynamic, whose reference implementation is what ONNX Runtime's DynamicQuantizeMatMul
@@ -17,19 +18,44 @@ from typing import Literal
 
 import torch
 
+from effc.errors import EffcError
 from effc.ops import quantize_rows, quantize_weight_per_channel
 from effc.passes.base import Level, Need, Pass, PassConfig, PassContext, PassResult
 from effc.passes.program import add_parameter, call, drop_unused_weights, edit, module_name, rebuild
+from effc.passes.smoothquant import smooth
 
 aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
 class Int8Config(PassConfig):
-    mode: Literal["dynamic", "static"] = "dynamic"  # static: calibrated activation scales (--calib / --calib-data)
+    mode: Literal["dynamic", "static", "weight_only"] = "dynamic"  # static: calibrated activation scales
+    # dynamic mode's run-time activation scales: per_tensor runs ONNX Runtime's fused DynamicQuantizeMatMul;
+    # per_token is more accurate on rows of different magnitude, at the cost of a few elementwise ops.
+    activations: Literal["per_tensor", "per_token"] = "per_tensor"
     exclude: tuple[str, ...] = ()  # globs of module names kept in float, e.g. lm_head,*.down_proj
     embeddings: bool = True  # int8 embedding tables too (one scale per row); they are most of a small model
     outlier_threshold: float | None = None  # LLM.int8(): input features whose calibrated |x| exceeds this stay float
+    smoothquant_alpha: float | None = None  # SmoothQuant migration strength in [0, 1] (0.5 is the paper's default)
+    # Keep the layers that add the most error in float until every output's mean cosine similarity to
+    # the float model (per position, padding left out) is >= 1 - auto_exclude. Measured on --calib-data.
+    auto_exclude: float | None = None
+
+    def __post_init__(self):
+        problems = []
+        if self.activations == "per_token" and self.mode != "dynamic":
+            problems.append("int8.activations=per_token is for int8.mode=dynamic")
+        if self.mode == "weight_only" and (self.outlier_threshold is not None or self.smoothquant_alpha is not None):
+            problems.append("int8.mode=weight_only keeps activations in float: outlier_threshold and "
+                            "smoothquant_alpha do not apply")
+        if self.outlier_threshold is not None and self.smoothquant_alpha is not None:
+            problems.append("give int8.outlier_threshold or int8.smoothquant_alpha, not both")
+        if self.smoothquant_alpha is not None and not 0 <= self.smoothquant_alpha <= 1:
+            problems.append(f"int8.smoothquant_alpha={self.smoothquant_alpha} is outside [0, 1]")
+        if self.auto_exclude is not None and not 0 < self.auto_exclude < 1:
+            problems.append(f"int8.auto_exclude={self.auto_exclude} is not a cosine drop in (0, 1), e.g. 0.01")
+        if problems:
+            raise EffcError("; ".join(problems))
 
 
 class Int8(Pass[Int8Config]):
@@ -41,30 +67,44 @@ class Int8(Pass[Int8Config]):
     exact = False
 
     def needs(self) -> set[Need]:
-        calibrated = self.config.mode == "static" or self.config.outlier_threshold is not None
+        c = self.config
+        calibrated = c.mode == "static" or c.outlier_threshold is not None or c.smoothquant_alpha is not None
         return {Need.CALIBRATION} if calibrated else set()
 
     def run(self, ep, ctx: PassContext) -> PassResult:
+        if self.config.auto_exclude is None:
+            return self._quantize(ep, ctx, self.config.exclude)
+        return self._auto_exclude(ep, ctx)
+
+    def _quantize(self, ep, ctx: PassContext, exclude: tuple[str, ...]) -> PassResult:
         gm, signature, state_dict, constants = edit(ep)
         ranges = ctx.calibration["tensors"] if ctx.calibration else {}
         uncalibrated = []
         weights = {s.arg.name: state_dict.get(s.target) for s in signature.input_specs if hasattr(s.arg, "name")}
         counts = {"linear layers quantized": 0, "linear layers excluded": 0, "embeddings quantized": 0}
         matched: set[str] = set()
+        chosen: dict[torch.fx.Node, tuple[str, torch.Tensor]] = {}
         for node in list(gm.graph.nodes):
             if node.target is aten.embedding.default and self.config.embeddings:
-                self._embedding(gm, signature, state_dict, weights, node, counts, matched)
+                self._embedding(gm, signature, state_dict, weights, node, counts, matched, exclude)
                 continue
             if node.target is not aten.linear.default:
                 continue
-            w, name = self._select(weights, node.args[1], node, matched)
+            w, name = self._select(weights, node.args[1], node, matched, exclude)
             if w is None:
                 counts["linear layers excluded"] += name is not None
-                continue
-            bias = node.args[2] if len(node.args) > 2 else None
-            if self.needs() and name not in ranges:
+            elif self.needs() and name not in ranges:
                 uncalibrated.append(name)
-                continue
+            else:
+                chosen[node] = (name, w)
+        if self.config.smoothquant_alpha is not None:
+            smoothed = smooth(gm, signature, state_dict, chosen, ranges, self.config.smoothquant_alpha)
+            chosen = {n: (name, smoothed.weights.get(n, w)) for n, (name, w) in chosen.items()}
+            ranges = {**ranges, **smoothed.stats}
+            counts["SmoothQuant norms folded"] = smoothed.folded
+            counts["SmoothQuant scales in the graph"] = smoothed.explicit
+        for node, (name, w) in chosen.items():
+            bias = node.args[2] if len(node.args) > 2 else None
             x = node.args[0]
             outliers = self._outliers(ranges.get(name))
             with gm.graph.inserting_before(node):
@@ -78,13 +118,60 @@ class Int8(Pass[Int8Config]):
             gm.graph.erase_node(node)
             counts["linear layers quantized"] += 1
         counts = {k: v for k, v in counts.items() if v or k == "linear layers quantized"}
-        notes = [f"int8.exclude pattern {p!r} matched no linear layer" for p in self.config.exclude if p not in matched]
+        notes = [f"int8.exclude pattern {p!r} matched no linear layer" for p in exclude if p not in matched]
         if uncalibrated:
             counts["linear layers without calibration (kept in float)"] = len(uncalibrated)
             notes.append(f"no calibration range for {', '.join(uncalibrated[:5])}{'…' if len(uncalibrated) > 5 else ''}: kept in float")
         counts["float weights dropped"] = drop_unused_weights(gm, signature, state_dict, constants)
         changed = counts["linear layers quantized"] + counts.get("embeddings quantized", 0) > 0
         return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
+
+    def _auto_exclude(self, ep, ctx: PassContext) -> PassResult:
+        """Quantize everything, rank the layers by the error each adds (effc.layerwise), then keep the
+        fewest worst-ranked layers in float that bring every output within the cosine budget (bisection
+        over how many: the drop shrinks as more layers stay float)."""
+        from effc.layerwise import LayerComparison, graph_taps, probes, tap_names
+
+        data = ctx.data or [ctx.example_inputs]
+        float_module = ep.module()
+        float_probes = probes(float_module)
+        references = [_outputs(float_module, feeds) for feeds in data]
+        full = self._quantize(ep, ctx, self.config.exclude)
+        module = full.ir.module()
+        quant_probes = probes(module)
+        comparison = LayerComparison(float_probes, quant_probes)
+        for feeds in data:
+            mask = feeds.get("attention_mask")
+            comparison.add(graph_taps(float_module, tap_names(float_probes), feeds),
+                           graph_taps(module, tap_names(quant_probes), feeds), None if mask is None else mask.numpy())
+        ranked = [r.name for r in comparison.report().ranked()]
+        budget = 1 - self.config.auto_exclude
+
+        def attempt(k: int) -> tuple[float, PassResult]:
+            result = full if k == 0 else self._quantize(ep, ctx, self.config.exclude + tuple(ranked[:k]))
+            quantized = result.ir.module()
+            cos = min(_mean_cosine(ref, _outputs(quantized, feeds), feeds.get("attention_mask"))
+                      for ref, feeds in zip(references, data))
+            return cos, result
+
+        cos, result = attempt(0)
+        chosen, lo, hi = 0, 0, len(ranked)  # attempt(lo) misses the budget; keeping all float meets it
+        if cos < budget:
+            best = None
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                c, r = attempt(mid)
+                if c >= budget:
+                    hi, best = mid, (c, r)
+                else:
+                    lo = mid
+            chosen = hi
+            cos, result = best if best is not None else attempt(hi)
+        where = "--calib-data" if ctx.data else "the example inputs (random tokens; give --calib-data for real data)"
+        result.counts["layers kept in float by auto_exclude"] = chosen
+        result.notes.append(f"auto_exclude: mean output cosine {cos:.5f} (budget >= {budget:.5f}) on {where}"
+                            + (f"; kept in float: {', '.join(ranked[:chosen])}" if chosen else ""))
+        return result
 
     def _outliers(self, stats: dict | None) -> torch.Tensor | None:
         """Input features whose calibrated |x| exceeds outlier_threshold (LLM.int8()), or None."""
@@ -94,7 +181,7 @@ class Int8(Pass[Int8Config]):
         return cols if 0 < cols.numel() < len(stats["channel_absmax"]) else None
 
     def _int8(self, gm, signature, state_dict, name, x, w, bias, stats, amax: float | None = None) -> torch.fx.Node:
-        """One int8 linear (static with the calibrated scale, else dynamic) replacing linear(x, w, bias)."""
+        """One int8 linear (of the configured mode) replacing linear(x, w, bias)."""
         q, scale = quantize_weight_per_channel(w)
         q_node = add_parameter(gm, signature, state_dict, f"{name}.weight_int8", q)
         s_node = add_parameter(gm, signature, state_dict, f"{name}.weight_scale", scale)
@@ -103,7 +190,9 @@ class Int8(Pass[Int8Config]):
             x_scale = torch.tensor(max(amax / 127, 1e-12), dtype=torch.float32)
             x_node = add_parameter(gm, signature, state_dict, f"{name}.input_scale", x_scale)
             return call(gm.graph, torch.ops.effc.int8_linear_static.default, (x, x_node, q_node, s_node, bias))
-        return call(gm.graph, torch.ops.effc.int8_linear_dynamic.default, (x, q_node, s_node, bias))
+        op = {"weight_only": torch.ops.effc.int8_linear_weight_only, "per_token": torch.ops.effc.int8_linear_per_token}
+        kind = self.config.mode if self.config.mode == "weight_only" else self.config.activations
+        return call(gm.graph, op.get(kind, torch.ops.effc.int8_linear_dynamic).default, (x, q_node, s_node, bias))
 
     def _decompose(self, gm, signature, state_dict, name, node, x, w, bias, stats, outliers) -> torch.fx.Node:
         """LLM.int8() mixed precision: y = x[:, O] @ W[:, O]^T in float + int8 part over the other features.
@@ -127,19 +216,20 @@ class Int8(Pass[Int8Config]):
         y_out = call(gm.graph, aten.linear.default, (x_out, w_out), node)
         return call(gm.graph, aten.add.Tensor, (y_in, y_out), node)
 
-    def _select(self, weights, weight_arg, node, matched: set[str]) -> tuple[torch.Tensor | None, str | None]:
+    def _select(self, weights, weight_arg, node, matched: set[str],
+                exclude: tuple[str, ...]) -> tuple[torch.Tensor | None, str | None]:
         """The annotate step: (weight, module name) of a layer to quantize; (None, name) when int8.exclude
         keeps it in float; (None, None) when its weight is not a 2-D float parameter."""
         w = weights.get(getattr(weight_arg, "name", None))
         if w is None or w.dim() != 2 or not w.is_floating_point():
             return None, None
         name = module_name(node)
-        hits = [p for p in self.config.exclude if fnmatch.fnmatchcase(name, p)]
+        hits = [p for p in exclude if fnmatch.fnmatchcase(name, p)]
         matched.update(hits)
         return (None, name) if hits else (w, name)
 
-    def _embedding(self, gm, signature, state_dict, weights, node, counts, matched) -> None:
-        w, name = self._select(weights, node.args[0], node, matched)
+    def _embedding(self, gm, signature, state_dict, weights, node, counts, matched, exclude) -> None:
+        w, name = self._select(weights, node.args[0], node, matched, exclude)
         if w is None:
             return
         q, scale = quantize_rows(w)
@@ -151,3 +241,20 @@ class Int8(Pass[Int8Config]):
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         counts["embeddings quantized"] += 1
+
+
+def _outputs(module: torch.fx.GraphModule, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = module(**feeds)
+    return [o for o in (out if isinstance(out, (tuple, list)) else [out]) if o.is_floating_point()]
+
+
+def _mean_cosine(refs: list[torch.Tensor], gots: list[torch.Tensor], mask: torch.Tensor | None) -> float:
+    """The lowest, over outputs, of the mean cosine per position (last dim), padding positions left out."""
+    worst = 1.0
+    for ref, got in zip(refs, gots):
+        cos = torch.nn.functional.cosine_similarity(ref.double(), got.double(), dim=-1, eps=1e-12)
+        if mask is not None and cos.shape == mask.shape:
+            cos = cos[mask != 0]
+        worst = min(worst, float(cos.mean()))
+    return worst

@@ -50,6 +50,9 @@ class Session:
             opts.inter_op_num_threads = 1
         # Idle spinning workers steal a core from whatever runs next (REFERENCE.md, benchmarking on 2 cores).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # ORT fuses DequantizeLinear -> MatMul into MatMulNBits at accuracy level 4 by default, which
+        # quantizes the activations to int8: not what the graph says (weight-only int8 lost 10x accuracy).
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if self.manifest["target"]["name"] == "ort":
             # The graph was optimized at build time; doing it again only costs start-up.
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -10,6 +10,8 @@ from onnxscript.values import Opset
 DOMAIN = "com.microsoft"
 _FP = OpSchema.FormalParameter
 _OPTIONAL = OpSchema.FormalParameterOption.Optional
+_ATTR = OpSchema.Attribute
+_INT = OpSchema.AttrType.INT
 
 
 def _register() -> None:
@@ -26,6 +28,16 @@ def _register() -> None:
                  outputs=[_FP("Y", "T3")],
                  type_constraints=[("T1", ["tensor(int8)", "tensor(uint8)"], ""),
                                    ("T2", ["tensor(int8)", "tensor(uint8)"], ""), ("T3", ["tensor(float)"], "")]),
+        OpSchema("MatMulNBits", DOMAIN, 1,
+                 inputs=[_FP("A", "T1"), _FP("B", "T2"), _FP("scales", "T1"),
+                         _FP("zero_points", "T3", param_option=_OPTIONAL),
+                         _FP("g_idx", "T4", param_option=_OPTIONAL), _FP("bias", "T1", param_option=_OPTIONAL)],
+                 outputs=[_FP("Y", "T1")],
+                 type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], ""),
+                                   ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], ""),
+                                   ("T4", ["tensor(int32)"], "")],
+                 attributes=[_ATTR(a, _INT, "") for a in ("K", "N", "bits", "block_size")]
+                 + [_ATTR("accuracy_level", onnx.helper.make_attribute("accuracy_level", 0), "")]),
     ]
     for schema in schemas:
         try:

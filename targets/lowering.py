@@ -45,15 +45,79 @@ def int8_linear_static_ort(x, x_scale, weight_t, weight_scale, bias=None):
     return msft.MatMulIntegerToFloat(q, weight_t, x_scale, weight_scale, zero, None, bias)
 
 
+def _per_token_scale(x):
+    """Symmetric per-token scale as effc.ops computes it: absmax over the last dim / 127 (1 for zero rows)."""
+    scale = op.Div(op.ReduceMax(op.Abs(x), [-1], keepdims=1), op.CastLike(127.0, x))
+    return op.Where(op.Equal(scale, op.CastLike(0.0, x)), op.CastLike(1.0, x), scale)
+
+
+def int8_linear_per_token_ort(x, weight_t, weight_scale, bias=None):
+    """Per-token scales computed in the graph; x / scale rounded by QuantizeLinear (uint8, zero point 128:
+    the fast u8 x s8 GEMM), integer GEMM with float output, then the token scales."""
+    scale = _per_token_scale(x)
+    zero = op.Constant(value=onnx.helper.make_tensor("zero_point", onnx.TensorProto.UINT8, [], [128]))
+    one = op.CastLike(1.0, x)
+    q = op.QuantizeLinear(op.Div(x, scale), one, zero)
+    y = op.Mul(msft.MatMulIntegerToFloat(q, weight_t, one, weight_scale, zero), scale)
+    return y if bias is None else op.Add(y, bias)
+
+
+def int8_linear_per_token_qdq(x, weight_t, weight_scale, bias=None):
+    """Standard ops: per-token Q/DQ of x (int8, zero point 0) and DQ of the weights around MatMul."""
+    scale = _per_token_scale(x)
+    zero = op.Constant(value=onnx.helper.make_tensor("zero_point", onnx.TensorProto.INT8, [], [0]))
+    one = op.CastLike(1.0, x)
+    x_dq = op.Mul(op.DequantizeLinear(op.QuantizeLinear(op.Div(x, scale), one, zero), one, zero), scale)
+    y = op.MatMul(x_dq, op.DequantizeLinear(weight_t, weight_scale, axis=1))
+    return y if bias is None else op.Add(y, bias)
+
+
+def int8_linear_weight_only_qdq(x, weight_t, weight_scale, bias=None):
+    """Standard ops: DequantizeLinear of the int8 weights (per output channel) feeding a float MatMul."""
+    y = op.MatMul(x, op.DequantizeLinear(weight_t, weight_scale, axis=1))
+    return y if bias is None else op.Add(y, bias)
+
+
+def int8_linear_weight_only_ort(x, weight_t, weight_scale, bias=None):
+    """MatMulNBits with 8-bit weights and float activations (accuracy_level 0). Its layout is built in
+    the graph from effc's [K, N] int8 weights and folded into initializers by ONNX Runtime at build
+    time: codes + 128 (its default zero point) as uint8 [N, K/block, block], the per-channel scale
+    repeated for each block of K."""
+    k, n = weight_t.shape
+    block = _nbits_block(k)
+    blocks = k // block
+    offset = op.Constant(value=onnx.helper.make_tensor("offset", onnx.TensorProto.INT16, [], [128]))
+    codes = op.Cast(op.Add(op.Cast(op.Transpose(weight_t, perm=[1, 0]), to=onnx.TensorProto.INT16), offset),
+                    to=onnx.TensorProto.UINT8)
+    codes = op.Reshape(codes, op.Constant(value_ints=[n, blocks, block]))
+    scales = op.Reshape(op.Expand(op.Unsqueeze(weight_scale, [1]), op.Constant(value_ints=[n, blocks])),
+                        op.Constant(value_ints=[-1]))
+    return msft.MatMulNBits(x, codes, scales, None, None, bias, K=k, N=n, bits=8, block_size=block,
+                            accuracy_level=0)
+
+
+def _nbits_block(k: int) -> int:
+    """The largest block MatMulNBits takes (a power of two, 16..128) that divides K."""
+    for block in (128, 64, 32, 16):
+        if k % block == 0:
+            return block
+    raise ValueError(f"MatMulNBits needs K divisible by 16, got {k}")
+
+
 def int8_embedding(indices, weight, scale):
     """Gather the int8 rows and their scales; dequantize only what was looked up."""
     rows = op.Cast(op.Gather(weight, indices, axis=0), to=1)  # 1 = FLOAT
     return op.Mul(rows, op.Unsqueeze(op.Gather(scale, indices, axis=0), [-1]))
 
 
-ORT = {torch.ops.effc.int8_linear_dynamic.default: int8_linear_dynamic_ort,
-       torch.ops.effc.int8_embedding.default: int8_embedding,
-       torch.ops.effc.int8_linear_static.default: int8_linear_static_ort}
-PORTABLE = {torch.ops.effc.int8_linear_dynamic.default: int8_linear_dynamic_qdq,
-            torch.ops.effc.int8_embedding.default: int8_embedding,
-            torch.ops.effc.int8_linear_static.default: int8_linear_static_qdq}
+effc = torch.ops.effc
+ORT = {effc.int8_linear_dynamic.default: int8_linear_dynamic_ort,
+       effc.int8_linear_per_token.default: int8_linear_per_token_ort,
+       effc.int8_linear_static.default: int8_linear_static_ort,
+       effc.int8_linear_weight_only.default: int8_linear_weight_only_ort,
+       effc.int8_embedding.default: int8_embedding}
+PORTABLE = {effc.int8_linear_dynamic.default: int8_linear_dynamic_qdq,
+            effc.int8_linear_per_token.default: int8_linear_per_token_qdq,
+            effc.int8_linear_static.default: int8_linear_static_qdq,
+            effc.int8_linear_weight_only.default: int8_linear_weight_only_qdq,
+            effc.int8_embedding.default: int8_embedding}

@@ -38,6 +38,7 @@ class OrtTarget(Target):
             opts.log_severity_level = 3  # overridable initializers are intended; don't warn about them
             opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVEL)
             opts.optimized_model_filepath = str(out_dir / "model.onnx")
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as runtime/session.py
             files = ["model.onnx"]
             if len(external) > 1:
                 data = "model.onnx" + onnx_export.DATA_SUFFIX
