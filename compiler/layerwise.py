@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from effc.errors import EffcError
 from effc.passes.program import module_name
 
 # Own noise this far above the median layer's (4x power) marks where the error jumps.
@@ -167,8 +168,10 @@ class LayerReport:
 
     def plot(self, path: str) -> None:
         """Error per layer in execution order: the layer's own SQNR (bars) and the SQNR at its output (line)."""
-        import matplotlib
-
+        try:
+            import matplotlib
+        except ImportError:
+            raise EffcError("--plot needs matplotlib: pip install 'effc[plot]'") from None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
