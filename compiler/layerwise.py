@@ -146,8 +146,11 @@ class LayerReport:
         return sorted(self.rows, key=lambda r: (r.layer_sqnr_db, r.order))
 
     def to_dict(self) -> dict:
-        return {"first_jump": self.first_jump, "outputs": self.outputs,
-                "ranked": [asdict(r) for r in self.ranked()]}
+        """Plain JSON: an infinite SQNR (no error at all) becomes null."""
+        def clean(d: dict) -> dict:
+            return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
+        return {"first_jump": self.first_jump, "outputs": {k: clean(v) for k, v in self.outputs.items()},
+                "ranked": [clean(asdict(r)) for r in self.ranked()]}
 
     def table(self, top: int | None = 15) -> str:
         ranked = self.ranked()[:top] if top else self.ranked()

@@ -140,6 +140,8 @@ def compile(  # noqa: A001 - the product's verb
 
     stage("load")
     src = sources.load(source, adapters)
+    # Checked before the (slow) capture: a calibration file of another model is refused right away.
+    calibration_doc = calibration.read(Path(calib), model_sha256=src.fingerprint) if calib else None
     for p in pipeline:
         p.prepare(src)
     example = inputs_mod.example_inputs(src.model, src.config, input_shapes, src.example_inputs)
@@ -151,10 +153,7 @@ def compile(  # noqa: A001 - the product's verb
     done("capture")
     report = CompileReport(source=src.describe(), target=target, nodes_captured=node_count(program),
                            param_bytes_captured=parameter_bytes(program))
-    calibration_doc = None
-    if calib:
-        calibration_doc = calibration.read(Path(calib), model_sha256=src.fingerprint)
-    elif calib_data:
+    if calib_data:
         stage("calibrate")
         calibration_doc = calibration.collect(src, program, example, calib_data, calib_method, calib_samples)
         done("calibrate")

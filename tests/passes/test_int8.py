@@ -227,9 +227,15 @@ def test_calibration_of_another_model_is_refused(default_model, calib_npz, tmp_p
     other = tmp_path / "c.json"
     doc = calibration.run(str(default_model[0]), str(calib_npz), other, "minmax")
     assert doc["samples"] == 32
-    with pytest.raises(EffcError, match="another model"):
-        effc.compile(str(default_model[0]), tmp_path / "q", adapters=[str(default_model[1])], passes=["int8"],
-                     pass_config=["int8.mode=static"], calib=str(other))
+    from click.testing import CliRunner
+
+    from effc.cli import main
+
+    r = CliRunner().invoke(main, ["compile", str(default_model[0]), "--adapter", str(default_model[1]), "--passes",
+                                  "int8", "--pass-config", "int8.mode=static", "--calib", str(other),
+                                  "-o", str(tmp_path / "q")])
+    assert r.exit_code == 2 and "calibrated on another model" in r.output
+    assert len([ln for ln in r.output.splitlines() if ln.startswith("effc: error:")]) == 1
     assert not (tmp_path / "q").exists()
 
 
