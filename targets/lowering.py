@@ -110,14 +110,14 @@ def int8_embedding(indices, weight, scale):
     return op.Mul(rows, op.Unsqueeze(op.Gather(scale, indices, axis=0), [-1]))
 
 
-effc = torch.ops.effc
-ORT = {effc.int8_linear_dynamic.default: int8_linear_dynamic_ort,
-       effc.int8_linear_per_token.default: int8_linear_per_token_ort,
-       effc.int8_linear_static.default: int8_linear_static_ort,
-       effc.int8_linear_weight_only.default: int8_linear_weight_only_ort,
-       effc.int8_embedding.default: int8_embedding}
-PORTABLE = {effc.int8_linear_dynamic.default: int8_linear_dynamic_qdq,
-            effc.int8_linear_per_token.default: int8_linear_per_token_qdq,
-            effc.int8_linear_static.default: int8_linear_static_qdq,
-            effc.int8_linear_weight_only.default: int8_linear_weight_only_qdq,
-            effc.int8_embedding.default: int8_embedding}
+ops = torch.ops.effc
+ORT = {ops.int8_linear_dynamic.default: int8_linear_dynamic_ort,
+       ops.int8_linear_per_token.default: int8_linear_per_token_ort,
+       ops.int8_linear_static.default: int8_linear_static_ort,
+       ops.int8_linear_weight_only.default: int8_linear_weight_only_ort,
+       ops.int8_embedding.default: int8_embedding}
+PORTABLE = {ops.int8_linear_dynamic.default: int8_linear_dynamic_qdq,
+            ops.int8_linear_per_token.default: int8_linear_per_token_qdq,
+            ops.int8_linear_static.default: int8_linear_static_qdq,
+            ops.int8_linear_weight_only.default: int8_linear_weight_only_qdq,
+            ops.int8_embedding.default: int8_embedding}
