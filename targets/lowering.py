@@ -7,6 +7,7 @@ import torch
 from onnxscript import opset20 as op
 
 import effc.ops  # noqa: F401  (registers torch.ops.effc.*)
+from effc.targets.attention import sdpa_to_multihead_attention
 from effc.targets.contrib_ops import msft
 
 
@@ -111,7 +112,8 @@ def int8_embedding(indices, weight, scale):
 
 
 ops = torch.ops.effc
-ORT = {ops.int8_linear_dynamic.default: int8_linear_dynamic_ort,
+ORT = {torch.ops.aten.scaled_dot_product_attention.default: sdpa_to_multihead_attention,
+       ops.int8_linear_dynamic.default: int8_linear_dynamic_ort,
        ops.int8_linear_per_token.default: int8_linear_per_token_ort,
        ops.int8_linear_static.default: int8_linear_static_ort,
        ops.int8_linear_weight_only.default: int8_linear_weight_only_ort,
