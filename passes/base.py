@@ -50,7 +50,13 @@ def parse_value(where: str, hint: Any, text: str) -> Any:
         if text.lower() in ("none", "null", "") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return parse_value(where, inner[0], text)
+        kinds = []
+        for member in inner:  # the first member that parses it (float | Literal["auto"])
+            try:
+                return parse_value(where, member, text)
+            except EffcError as e:
+                kinds.append(str(e).split(" is not ", 1)[-1])
+        raise EffcError(f"{where}={text!r} is not {' or '.join(kinds)}")
     if origin is Literal:
         if text not in [str(a) for a in args]:
             raise EffcError(f"{where}={text!r} is not one of {', '.join(map(str, args))}")

@@ -36,7 +36,9 @@ class Int8Config(PassConfig):
     exclude: tuple[str, ...] = ()  # globs of module names kept in float, e.g. lm_head,*.down_proj
     embeddings: bool = True  # int8 embedding tables too (one scale per row); they are most of a small model
     outlier_threshold: float | None = None  # LLM.int8(): input features whose calibrated |x| exceeds this stay float
-    smoothquant_alpha: float | None = None  # SmoothQuant migration strength in [0, 1] (0.5 is the paper's default)
+    # SmoothQuant migration strength in [0, 1] (the paper: 0.5 for OPT, up to 0.85 elsewhere), or "auto": the
+    # alpha of 0.3..0.9 whose quantized outputs are closest to float on --calib-data.
+    smoothquant_alpha: float | Literal["auto"] | None = None
     # Keep the layers that add the most error in float until every output's mean cosine similarity to
     # the float model (per position, padding left out) is >= 1 - auto_exclude. Measured on --calib-data.
     auto_exclude: float | None = None
@@ -50,7 +52,7 @@ class Int8Config(PassConfig):
                             "smoothquant_alpha do not apply")
         if self.outlier_threshold is not None and self.smoothquant_alpha is not None:
             problems.append("give int8.outlier_threshold or int8.smoothquant_alpha, not both")
-        if self.smoothquant_alpha is not None and not 0 <= self.smoothquant_alpha <= 1:
+        if isinstance(self.smoothquant_alpha, float) and not 0 <= self.smoothquant_alpha <= 1:
             problems.append(f"int8.smoothquant_alpha={self.smoothquant_alpha} is outside [0, 1]")
         if self.auto_exclude is not None and not 0 < self.auto_exclude < 1:
             problems.append(f"int8.auto_exclude={self.auto_exclude} is not a cosine drop in (0, 1), e.g. 0.01")
@@ -72,11 +74,22 @@ class Int8(Pass[Int8Config]):
         return {Need.CALIBRATION} if calibrated else set()
 
     def run(self, ep, ctx: PassContext) -> PassResult:
+        score = _Scorer(ep, ctx)
+        alpha, note = self.config.smoothquant_alpha, None
+        if alpha == "auto":
+            tried = {a: score(self._quantize(ep, ctx, self.config.exclude, a).ir) for a in AUTO_ALPHAS}
+            alpha = max(tried, key=tried.get)
+            note = (f"smoothquant_alpha=auto chose {alpha} on {score.where} (mean output cosine: "
+                    + ", ".join(f"{a}: {c:.5f}" for a, c in tried.items()) + ")")
         if self.config.auto_exclude is None:
-            return self._quantize(ep, ctx, self.config.exclude)
-        return self._auto_exclude(ep, ctx)
+            result = self._quantize(ep, ctx, self.config.exclude, alpha)
+        else:
+            result = self._auto_exclude(ep, ctx, alpha, score)
+        if note:
+            result.notes.insert(0, note)
+        return result
 
-    def _quantize(self, ep, ctx: PassContext, exclude: tuple[str, ...]) -> PassResult:
+    def _quantize(self, ep, ctx: PassContext, exclude: tuple[str, ...], alpha: float | None) -> PassResult:
         gm, signature, state_dict, constants = edit(ep)
         ranges = ctx.calibration["tensors"] if ctx.calibration else {}
         uncalibrated = []
@@ -97,8 +110,8 @@ class Int8(Pass[Int8Config]):
                 uncalibrated.append(name)
             else:
                 chosen[node] = (name, w)
-        if self.config.smoothquant_alpha is not None:
-            smoothed = smooth(gm, signature, state_dict, chosen, ranges, self.config.smoothquant_alpha)
+        if alpha is not None:
+            smoothed = smooth(gm, signature, state_dict, chosen, ranges, alpha)
             chosen = {n: (name, smoothed.weights.get(n, w)) for n, (name, w) in chosen.items()}
             ranges = {**ranges, **smoothed.stats}
             counts["SmoothQuant norms folded"] = smoothed.folded
@@ -126,21 +139,17 @@ class Int8(Pass[Int8Config]):
         changed = counts["linear layers quantized"] + counts.get("embeddings quantized", 0) > 0
         return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
 
-    def _auto_exclude(self, ep, ctx: PassContext) -> PassResult:
+    def _auto_exclude(self, ep, ctx: PassContext, alpha: float | None, score: _Scorer) -> PassResult:
         """Quantize everything, rank the layers by the error each adds (effc.layerwise), then keep the
         fewest worst-ranked layers in float that bring every output within the cosine budget (bisection
         over how many: the drop shrinks as more layers stay float)."""
         from effc.layerwise import LayerComparison, graph_taps, probes, tap_names
 
-        data = ctx.data or [ctx.example_inputs]
-        float_module = ep.module()
-        float_probes = probes(float_module)
-        references = [_outputs(float_module, feeds) for feeds in data]
-        full = self._quantize(ep, ctx, self.config.exclude)
-        module = full.ir.module()
-        quant_probes = probes(module)
+        full = self._quantize(ep, ctx, self.config.exclude, alpha)
+        float_module, module = ep.module(), full.ir.module()
+        float_probes, quant_probes = probes(float_module), probes(module)
         comparison = LayerComparison(float_probes, quant_probes)
-        for feeds in data:
+        for feeds in score.data:
             mask = feeds.get("attention_mask")
             comparison.add(graph_taps(float_module, tap_names(float_probes), feeds),
                            graph_taps(module, tap_names(quant_probes), feeds), None if mask is None else mask.numpy())
@@ -148,11 +157,8 @@ class Int8(Pass[Int8Config]):
         budget = 1 - self.config.auto_exclude
 
         def attempt(k: int) -> tuple[float, PassResult]:
-            result = full if k == 0 else self._quantize(ep, ctx, self.config.exclude + tuple(ranked[:k]))
-            quantized = result.ir.module()
-            cos = min(_mean_cosine(ref, _outputs(quantized, feeds), feeds.get("attention_mask"))
-                      for ref, feeds in zip(references, data))
-            return cos, result
+            result = full if k == 0 else self._quantize(ep, ctx, self.config.exclude + tuple(ranked[:k]), alpha)
+            return score(result.ir), result
 
         cos, result = attempt(0)
         chosen, lo, hi = 0, 0, len(ranked)  # attempt(lo) misses the budget; keeping all float meets it
@@ -167,9 +173,8 @@ class Int8(Pass[Int8Config]):
                     lo = mid
             chosen = hi
             cos, result = best if best is not None else attempt(hi)
-        where = "--calib-data" if ctx.data else "the example inputs (random tokens; give --calib-data for real data)"
         result.counts["layers kept in float by auto_exclude"] = chosen
-        result.notes.append(f"auto_exclude: mean output cosine {cos:.5f} (budget >= {budget:.5f}) on {where}"
+        result.notes.append(f"auto_exclude: mean output cosine {cos:.5f} (budget >= {budget:.5f}) on {score.where}"
                             + (f"; kept in float: {', '.join(ranked[:chosen])}" if chosen else ""))
         return result
 
@@ -241,6 +246,28 @@ class Int8(Pass[Int8Config]):
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         counts["embeddings quantized"] += 1
+
+
+AUTO_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+class _Scorer:
+    """How close a quantized program's outputs are to the float program's: the lowest, over outputs and
+    batches, of the mean per-position cosine. Measured on --calib-data batches, else the example inputs."""
+
+    def __init__(self, ep, ctx: PassContext):
+        self.data = ctx.data or [ctx.example_inputs]
+        self.where = "--calib-data" if ctx.data else "the example inputs (random tokens; give --calib-data for real data)"
+        self._references = None
+        self._float = ep
+
+    def __call__(self, program) -> float:
+        if self._references is None:
+            module = self._float.module()
+            self._references = [_outputs(module, feeds) for feeds in self.data]
+        module = program.module()
+        return min(_mean_cosine(ref, _outputs(module, feeds), feeds.get("attention_mask"))
+                   for ref, feeds in zip(self._references, self.data))
 
 
 def _outputs(module: torch.fx.GraphModule, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -54,12 +54,11 @@ def smooth(gm: torch.fx.GraphModule, signature, state_dict: dict, layers: dict[t
         s = factors(cabs, [layers[n][1] for n in linears], alpha)
         for n in linears:
             out.weights[n] = (layers[n][1].detach().double() * s).float()
-        # Keep the calibration method's clipping: the same fraction of the smoothed range.
-        clip = stats["amax"] / max(float(cabs.max()), 1e-12)
+        # The smoothed range is the largest smoothed channel: smoothing flattens the outliers a clipping
+        # calibration method would have cut, and the method's histogram was of the unsmoothed X.
         smoothed = cabs / s
         for name in names:
-            out.stats[name] = {**ranges[name], "amax": float(smoothed.max()) * clip,
-                               "channel_absmax": smoothed.tolist()}
+            out.stats[name] = {**ranges[name], "amax": float(smoothed.max()), "channel_absmax": smoothed.tolist()}
         if _fold(gm, signature, state_dict, x, set(linears), s):
             out.folded += 1
         else:

@@ -120,6 +120,18 @@ def test_smoothquant_rescues_static_int8(planted, tmp_path):
     assert counts["SmoothQuant norms folded"] == 4 and counts["SmoothQuant scales in the graph"] == 5
 
 
+def test_smoothquant_auto_picks_the_best_alpha(planted, tmp_path):
+    """alpha=auto tries 0.3..0.9 on the calibration batches and keeps the one closest to float."""
+    plain = _compile(planted, tmp_path)
+    auto = _compile(planted, tmp_path, "int8.smoothquant_alpha=auto")
+    note = auto.passes[0].notes[0]
+    chosen = float(note.split("chose ")[1].split()[0])
+    tried = dict(part.split(": ") for part in note.split("cosine: ")[1].rstrip(")").split(", "))
+    assert len(tried) == 7 and float(tried[str(chosen)]) == max(float(c) for c in tried.values())
+    gain = auto.accuracy_vs_eager["outputs"][0]["sqnr_db"] - plain.accuracy_vs_eager["outputs"][0]["sqnr_db"]
+    assert gain > 10
+
+
 def test_smoothing_alone_keeps_the_function(planted):
     """X/s and W*s: before any rounding, the smoothed float graph computes what the model does."""
     from effc import sources
