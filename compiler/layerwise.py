@@ -170,7 +170,8 @@ class LayerReport:
                 f"--pass-config int8.exclude={','.join(names)}")
 
     def plot(self, path: str) -> None:
-        """Error per layer in execution order: the layer's own SQNR (bars) and the SQNR at its output (line)."""
+        """Error per layer in execution order, as noise power relative to the signal (dB, taller is worse):
+        bars for the noise each layer adds, a line for the noise at its output."""
         try:
             import matplotlib
         except ImportError:
@@ -178,15 +179,18 @@ class LayerReport:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        floor = -80.0  # a layer that adds no noise (or less than this) sits at the floor
         x = np.arange(len(self.rows))
-        own = [min(r.layer_sqnr_db, 120.0) for r in self.rows]
+        added = [max(-r.layer_sqnr_db, floor) for r in self.rows]
         fig, ax = plt.subplots(figsize=(max(8.0, 0.22 * len(self.rows)), 4.5))
-        ax.bar(x, own, color="tab:orange", label="layer SQNR (noise this layer adds), dB")
-        ax.plot(x, [min(r.sqnr_out_db, 120.0) for r in self.rows], "o-", ms=3, label="SQNR at layer output, dB")
+        ax.bar(x, [a - floor for a in added], bottom=floor, color="tab:orange",
+               label="noise this layer adds (-layer SQNR)")
+        ax.plot(x, [max(-r.sqnr_out_db, floor) for r in self.rows], "o-", ms=3,
+                label="noise at the layer's output (-SQNR out)")
         ax.set_xticks(x, [r.name for r in self.rows], rotation=90, fontsize=6)
-        ax.set_ylabel("dB (higher is better)")
+        ax.set_ylabel("dB relative to the signal (higher is worse)")
         ax.set_title("effc debug: error per layer vs the float model")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -208,9 +212,10 @@ class LayerComparison:
         for name in self.layers:
             for end in ("input", "output"):
                 r, o = self.reference[name][end], self.other[name][end]
-                if (r and o and r in ref_taps and o in other_taps and other_taps[o].dtype.kind == "f"
-                        and ref_taps[r].shape == other_taps[o].shape):
-                    self.noise[(name, end)].add(ref_taps[r], other_taps[o], valid)
+                if r and o and r in ref_taps and o in other_taps and other_taps[o].dtype.kind == "f":
+                    ref, got = ref_taps[r], other_taps[o]
+                    if ref.size == got.size:  # a probe may be a reshape of the layer's input (onnx_export)
+                        self.noise[(name, end)].add(ref, got.reshape(ref.shape), valid)
 
     def add_outputs(self, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
                     attention_mask: np.ndarray | None = None) -> None:

@@ -27,6 +27,7 @@ from effc.passes.registry import resolve
 from effc.report import CompileReport, PassRecord
 from effc.runtime.compare import Tolerance, compare
 from effc.runtime.manifest import REPORT, write_manifest
+from effc.targets import onnx_export
 from effc.targets.base import get_target
 
 
@@ -216,8 +217,14 @@ def compile(  # noqa: A001 - the product's verb
         ).most_common())
         io_in, io_out = _io_metadata(model_proto)
         values = {o for n in model_proto.graph.node for o in n.output} | {i.name for i in model_proto.graph.input}
-        layer_probes = {name: {end: v if v in values else None for end, v in p.items()}
-                        for name, p in built.probes.items() if p["output"] in values}
+        layer_probes = {}
+        for name, p in built.probes.items():
+            if p["output"] in values:
+                # The scope's entry may be a quantized copy shared with a sibling, or renamed by the target's
+                # optimizer: the float activation the layer's matmul reads is found by walking back from its output.
+                found = p["input"] and (onnx_export.activation_input(model_proto, p["output"])
+                                        or (p["input"] if p["input"] in values else None))
+                layer_probes[name] = {"input": found or None, "output": p["output"]}
         manifest = {
             "effc_version": effc.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -130,6 +130,40 @@ def layer_values(model: onnx.ModelProto, layers: dict[str, str | None]) -> dict[
     return found
 
 
+_MATMULS = {"MatMul", "Gemm", "FusedMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits",
+            "MatMulInteger", "QLinearMatMul"}
+# Steps between an activation and the matmul that do not change its values' order: quantization (Q, DQ,
+# division by a run-time scale, a mask), casts, and reshapes ORT's QDQ propagation moves past a Q.
+_QUANTIZE = {"QuantizeLinear", "DynamicQuantizeLinear", "DequantizeLinear", "Div", "Mul", "Cast", "Reshape"}
+
+
+def activation_input(model: onnx.ModelProto, output: str) -> str | None:
+    """The float activation a layer's matmul reads, found by walking back from the layer's output in a
+    graph without name scopes (ORT's optimized graph): through bias Adds / scale Muls to the matmul,
+    then back through its activation quantization (Q, DQ, division by a run-time scale, masks). The value
+    found may be a reshape of the layer's input (same elements, same order)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    constant = {t.name for t in model.graph.initializer}
+    node = producer.get(output)
+    for _ in range(4):
+        if node is None:
+            return None
+        if node.op_type in _MATMULS:
+            break
+        if node.op_type not in ("Add", "Mul"):
+            return None
+        node = producer.get(next((i for i in node.input if i in producer), ""))
+    else:
+        return None
+    value = node.input[0]
+    while value in producer and producer[value].op_type in _QUANTIZE:
+        step = producer[value]
+        if step.op_type == "Mul" and not any(i in constant for i in step.input[1:]):
+            break  # a product of two activations is not a quantization step
+        value = step.input[0]
+    return value
+
+
 # Kept: which module / fx node each ONNX node came from (the layer-wise debugger maps by these).
 # Dropped: stack traces and class lists, which hold build-machine paths and grow the file ~70%.
 _DEBUG_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy")
