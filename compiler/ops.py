@@ -125,3 +125,5 @@ def int8_linear_weight_only(x: torch.Tensor, weight_t: torch.Tensor, weight_scal
 @int8_linear_weight_only.register_fake
 def _(x, weight_t, weight_scale, bias=None):
     return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+from effc import nf4  # noqa: E402,F401  (registers effc::nf4_linear)

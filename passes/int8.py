@@ -12,7 +12,6 @@ quantized: attention masks, softmax and additive biases stay in float.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +20,8 @@ import torch
 from effc.errors import EffcError
 from effc.ops import quantize_rows, quantize_weight_per_channel
 from effc.passes.base import Level, Need, Pass, PassConfig, PassContext, PassResult
-from effc.passes.program import add_parameter, call, drop_unused_weights, edit, module_name, rebuild
+from effc.passes.layers import replace, select, unmatched_notes, weights_by_node
+from effc.passes.program import add_parameter, call, drop_unused_weights, edit, rebuild
 from effc.passes.smoothquant import smooth
 
 aten = torch.ops.aten
@@ -93,7 +93,7 @@ class Int8(Pass[Int8Config]):
         gm, signature, state_dict, constants = edit(ep)
         ranges = ctx.calibration["tensors"] if ctx.calibration else {}
         uncalibrated = []
-        weights = {s.arg.name: state_dict.get(s.target) for s in signature.input_specs if hasattr(s.arg, "name")}
+        weights = weights_by_node(signature, state_dict)
         counts = {"linear layers quantized": 0, "linear layers excluded": 0, "embeddings quantized": 0}
         matched: set[str] = set()
         chosen: dict[torch.fx.Node, tuple[str, torch.Tensor]] = {}
@@ -103,7 +103,7 @@ class Int8(Pass[Int8Config]):
                 continue
             if node.target is not aten.linear.default:
                 continue
-            w, name = self._select(weights, node.args[1], node, matched, exclude)
+            w, name = select(weights, node.args[1], node, exclude, matched)
             if w is None:
                 counts["linear layers excluded"] += name is not None
             elif self.needs() and name not in ranges:
@@ -126,12 +126,10 @@ class Int8(Pass[Int8Config]):
                 else:
                     new = self._decompose(gm, signature, state_dict, name, node, x, w, bias, ranges[name], outliers)
                     counts["outlier features kept in float"] = counts.get("outlier features kept in float", 0) + len(outliers)
-            new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+            replace(gm, node, new)
             counts["linear layers quantized"] += 1
         counts = {k: v for k, v in counts.items() if v or k == "linear layers quantized"}
-        notes = [f"int8.exclude pattern {p!r} matched no linear layer" for p in exclude if p not in matched]
+        notes = unmatched_notes("int8", exclude, matched)
         if uncalibrated:
             counts["linear layers without calibration (kept in float)"] = len(uncalibrated)
             notes.append(f"no calibration range for {', '.join(uncalibrated[:5])}{'…' if len(uncalibrated) > 5 else ''}: kept in float")
@@ -221,20 +219,8 @@ class Int8(Pass[Int8Config]):
         y_out = call(gm.graph, aten.linear.default, (x_out, w_out), node)
         return call(gm.graph, aten.add.Tensor, (y_in, y_out), node)
 
-    def _select(self, weights, weight_arg, node, matched: set[str],
-                exclude: tuple[str, ...]) -> tuple[torch.Tensor | None, str | None]:
-        """The annotate step: (weight, module name) of a layer to quantize; (None, name) when int8.exclude
-        keeps it in float; (None, None) when its weight is not a 2-D float parameter."""
-        w = weights.get(getattr(weight_arg, "name", None))
-        if w is None or w.dim() != 2 or not w.is_floating_point():
-            return None, None
-        name = module_name(node)
-        hits = [p for p in exclude if fnmatch.fnmatchcase(name, p)]
-        matched.update(hits)
-        return (None, name) if hits else (w, name)
-
     def _embedding(self, gm, signature, state_dict, weights, node, counts, matched, exclude) -> None:
-        w, name = self._select(weights, node.args[0], node, matched, exclude)
+        w, name = select(weights, node.args[0], node, exclude, matched)
         if w is None:
             return
         q, scale = quantize_rows(w)
@@ -242,9 +228,7 @@ class Int8(Pass[Int8Config]):
         s_node = add_parameter(gm, signature, state_dict, f"{name}.weight_scale", scale)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(torch.ops.effc.int8_embedding.default, (node.args[1], q_node, s_node))
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace(gm, node, new)
         counts["embeddings quantized"] += 1
 
 

@@ -11,6 +11,7 @@ PASSES: dict[str, str] = {
     "cleanup": "effc.passes.cleanup:Cleanup",
     "merge_lora": "effc.passes.merge_lora:MergeLora",
     "int8": "effc.passes.int8:Int8",
+    "nf4": "effc.passes.nf4:Nf4",
 }
 
 

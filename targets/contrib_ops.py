@@ -38,6 +38,10 @@ def _register() -> None:
                                    ("T4", ["tensor(int32)"], "")],
                  attributes=[_ATTR(a, _INT, "") for a in ("K", "N", "bits", "block_size")]
                  + [_ATTR("accuracy_level", onnx.helper.make_attribute("accuracy_level", 0), "")]),
+        OpSchema("MatMulBnb4", DOMAIN, 1,
+                 inputs=[_FP("A", "T1"), _FP("B", "T2"), _FP("absmax", "T1")], outputs=[_FP("Y", "T1")],
+                 type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], "")],
+                 attributes=[_ATTR(a, _INT, "") for a in ("K", "N", "block_size", "quant_type")]),
         OpSchema("MultiHeadAttention", DOMAIN, 1,  # inputs up to attention_bias; ORT's later ones unused
                  inputs=[_FP("query", "T"), _FP("key", "T", param_option=_OPTIONAL),
                          _FP("value", "T", param_option=_OPTIONAL), _FP("bias", "T", param_option=_OPTIONAL),

@@ -105,6 +105,57 @@ def _nbits_block(k: int) -> int:
     raise ValueError(f"MatMulNBits needs K divisible by 16, got {k}")
 
 
+def _nf4_absmax(absmax, absmax2, offset, dq_block: int):
+    """The float block absmax: as stored, or decoded from double quantization as bitsandbytes does it,
+    dynamic_map[code] * absmax2[i // dq_block] + offset (two float32 roundings). Constant: ONNX Runtime
+    folds it at build time."""
+    if absmax2 is None:
+        return absmax
+    from effc.nf4 import DYNAMIC_MAP_SIGNED
+
+    table = op.Constant(value=onnx.numpy_helper.from_array(DYNAMIC_MAP_SIGNED.numpy(), "dynamic_map"))
+    blocks = absmax.shape[0]
+    per_block = op.Reshape(op.Expand(op.Unsqueeze(absmax2, [1]), op.Constant(value_ints=[absmax2.shape[0], dq_block])),
+                           op.Constant(value_ints=[-1]))
+    per_block = op.Slice(per_block, op.Constant(value_ints=[0]), op.Constant(value_ints=[blocks]))
+    return op.Add(op.Mul(op.Gather(table, op.Cast(absmax, to=onnx.TensorProto.INT64)), per_block), offset)
+
+
+def nf4_linear_ort(x, packed, absmax, absmax2, offset, bias, out_features: int, in_features: int, block: int,
+                   dq_block: int):
+    """ONNX Runtime's MatMulBnb4 takes bitsandbytes' packing as is (first element in the high nibble) with
+    float absmax: exact NF4, but it dequantizes the whole weight on every call (REFERENCE.md: slower
+    than fp32 on CPU)."""
+    scales = _nf4_absmax(absmax, absmax2, offset, dq_block)
+    codes = op.Reshape(packed, op.Constant(value_ints=[-1]))
+    y = msft.MatMulBnb4(x, codes, scales, K=in_features, N=out_features, block_size=block, quant_type=1)
+    return y if bias is None else op.Add(y, bias)
+
+
+def nf4_linear_portable(x, packed, absmax, absmax2, offset, bias, out_features: int, in_features: int, block: int,
+                        dq_block: int):
+    """Standard ops: unpack the nibbles, look the codes up in the NF4 table, scale by the block absmax,
+    MatMul. Everything before the MatMul is constant, so a runtime may fold it to a float weight at load."""
+    from effc.nf4 import NF4_CODE
+
+    n = out_features * in_features
+    hi = op.BitShift(packed, op.Constant(value=onnx.helper.make_tensor("four", onnx.TensorProto.UINT8, [], [4])),
+                     direction="RIGHT")
+    lo = op.BitwiseAnd(packed, op.Constant(value=onnx.helper.make_tensor("low", onnx.TensorProto.UINT8, [], [15])))
+    first = op.Constant(value_ints=[0])
+    codes = op.Slice(op.Reshape(op.Concat(hi, lo, axis=1), op.Constant(value_ints=[-1])), first,
+                     op.Constant(value_ints=[n]))
+    table = op.Constant(value=onnx.numpy_helper.from_array(NF4_CODE.numpy(), "nf4_code"))
+    scales = _nf4_absmax(absmax, absmax2, offset, dq_block)
+    per_element = op.Reshape(op.Expand(op.Unsqueeze(scales, [1]), op.Constant(value_ints=[absmax.shape[0], block])),
+                             op.Constant(value_ints=[-1]))
+    w = op.Mul(op.Gather(table, op.Cast(codes, to=onnx.TensorProto.INT64)),
+               op.Slice(per_element, first, op.Constant(value_ints=[n])))
+    w_t = op.Transpose(op.Reshape(w, op.Constant(value_ints=[out_features, in_features])), perm=[1, 0])
+    y = op.MatMul(x, w_t)
+    return y if bias is None else op.Add(y, bias)
+
+
 def int8_embedding(indices, weight, scale):
     """Gather the int8 rows and their scales; dequantize only what was looked up."""
     rows = op.Cast(op.Gather(weight, indices, axis=0), to=1)  # 1 = FLOAT
@@ -117,9 +168,11 @@ ORT = {torch.ops.aten.scaled_dot_product_attention.default: sdpa_to_multihead_at
        ops.int8_linear_per_token.default: int8_linear_per_token_ort,
        ops.int8_linear_static.default: int8_linear_static_ort,
        ops.int8_linear_weight_only.default: int8_linear_weight_only_ort,
-       ops.int8_embedding.default: int8_embedding}
+       ops.int8_embedding.default: int8_embedding,
+       ops.nf4_linear.default: nf4_linear_ort}
 PORTABLE = {ops.int8_linear_dynamic.default: int8_linear_dynamic_qdq,
             ops.int8_linear_per_token.default: int8_linear_per_token_qdq,
             ops.int8_linear_static.default: int8_linear_static_qdq,
             ops.int8_linear_weight_only.default: int8_linear_weight_only_qdq,
-            ops.int8_embedding.default: int8_embedding}
+            ops.int8_embedding.default: int8_embedding,
+            ops.nf4_linear.default: nf4_linear_portable}

@@ -75,7 +75,7 @@ def test_quantizes_every_linear_and_respects_exclude():
     partial = Int8(Int8Config(exclude=("lm_head", "*.mlp.*", "nothing.*"))).run(ep, PassContext())
     assert partial.counts == {"linear layers quantized": 8, "linear layers excluded": 7, "embeddings quantized": 1,
                               "float weights dropped": 10}  # 8 linears, the embedding, an unused buffer
-    assert partial.notes == ["int8.exclude pattern 'nothing.*' matched no linear layer"]
+    assert partial.notes == ["int8.exclude pattern 'nothing.*' matched no layer"]
     with torch.no_grad():
         ref = model(input_ids=ids).logits.numpy()
         got = result.ir.module()(input_ids=ids).logits.numpy()

@@ -1,0 +1,78 @@
+"""nf4: QLoRA's 4-bit NormalFloat weights for linear layers (effc.nf4: bitsandbytes' codes, packing and
+double quantization, bit for bit). Each chosen linear becomes effc::nf4_linear, which dequantizes to
+float32 for the matmul. Embeddings and the LM head stay in float unless asked (QLoRA's recipe: the
+output projection is the most sensitive layer and, with tied embeddings, shares the table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from effc.errors import EffcError
+from effc.nf4 import quantize_nf4, storage_bits_per_param
+from effc.passes.base import Level, Pass, PassConfig, PassContext, PassResult
+from effc.passes.layers import replace, select, unmatched_notes, weights_by_node
+from effc.passes.program import add_parameter, call, drop_unused_weights, edit, rebuild
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Nf4Config(PassConfig):
+    block: int = 64  # elements per absmax block (bitsandbytes: 64 for QLoRA)
+    double_quant: bool = True  # 8-bit codes for the block absmax (block 256): 0.127 instead of 0.5 bits/param
+    exclude: tuple[str, ...] = ()  # globs of module names kept in float
+    lm_head: bool = False  # quantize the output projection (lm_head) too
+
+    def __post_init__(self):
+        if self.block < 16 or self.block & (self.block - 1):
+            raise EffcError(f"nf4.block={self.block} is not a power of two >= 16 (bitsandbytes and ONNX Runtime's "
+                            "MatMulBnb4 use 64, 128, 256...)")
+
+
+class Nf4(Pass[Nf4Config]):
+    name = "nf4"
+    level = Level.FX
+    config_class = Nf4Config
+    summary = "NF4 (QLoRA) 4-bit linear weights with double quantization, bitsandbytes-exact"
+    after = ("merge_lora",)
+    exact = False
+
+    def run(self, ep, ctx: PassContext) -> PassResult:
+        gm, signature, state_dict, constants = edit(ep)
+        weights = weights_by_node(signature, state_dict)
+        exclude = self.config.exclude + (() if self.config.lm_head else ("lm_head", "*.lm_head"))
+        matched: set[str] = set()
+        counts = {"linear layers quantized": 0, "linear layers excluded": 0}
+        stored_bits = params = 0
+        for node in list(gm.graph.nodes):
+            if node.target is not aten.linear.default:
+                continue
+            w, name = select(weights, node.args[1], node, exclude, matched)
+            if w is None:
+                counts["linear layers excluded"] += name is not None
+                continue
+            state = quantize_nf4(w.detach(), self.config.block, self.config.double_quant)
+            stored_bits += storage_bits_per_param(state) * w.numel()
+            params += w.numel()
+            tensors = [add_parameter(gm, signature, state_dict, f"{name}.weight_nf4", state["packed"])]
+            if self.config.double_quant:
+                tensors += [add_parameter(gm, signature, state_dict, f"{name}.absmax_codes", state["absmax_codes"]),
+                            add_parameter(gm, signature, state_dict, f"{name}.absmax2", state["absmax2"]),
+                            add_parameter(gm, signature, state_dict, f"{name}.absmax_offset", state["offset"].reshape(1))]
+            else:
+                tensors += [add_parameter(gm, signature, state_dict, f"{name}.absmax", state["absmax"]), None, None]
+            bias = node.args[2] if len(node.args) > 2 else None
+            with gm.graph.inserting_before(node):
+                new = call(gm.graph, torch.ops.effc.nf4_linear.default,
+                           (node.args[0], *tensors, bias, w.shape[0], w.shape[1], self.config.block, 256))
+            replace(gm, node, new)
+            counts["linear layers quantized"] += 1
+        if params:
+            counts["bits per quantized weight stored"] = round(stored_bits / params, 4)
+        notes = unmatched_notes("nf4", self.config.exclude, matched)
+        counts["float weights dropped"] = drop_unused_weights(gm, signature, state_dict, constants)
+        changed = counts["linear layers quantized"] > 0
+        return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
