@@ -107,7 +107,10 @@ def inspect(artifact, as_json):
     if report:
         ops = report.get("onnx_ops", {})
         click.echo(f"operators: {sum(ops.values())} nodes: " + ", ".join(f"{k} {v}" for k, v in ops.items()))
-        click.echo(f"weights:   {report['param_bytes_captured'] / 1e6:.3f} MB captured; artifact {report['artifact_bytes'] / 1e6:.3f} MB")
+        from effc.report import bits_per_parameter
+
+        click.echo(f"weights:   {report['param_bytes_captured'] / 1e6:.3f} MB captured; artifact {report['artifact_bytes'] / 1e6:.3f} MB"
+                   f" = {bits_per_parameter(report['artifact_bytes'], report.get('params_captured', 0))}")
         for p in report.get("passes", []):
             changes = ", ".join(f"{k}: {v}" for k, v in p["counts"].items() if v) or "no change"
             click.echo(f"pass {p['name']}: {changes}")

@@ -22,7 +22,7 @@ from effc import sources
 from effc.capture import capture, run_torch
 from effc.errors import EffcError, VerificationError
 from effc.passes.base import Need, PassContext
-from effc.passes.program import node_count, parameter_bytes
+from effc.passes.program import node_count, parameter_bytes, parameter_count
 from effc.passes.registry import resolve
 from effc.report import CompileReport, PassRecord
 from effc.runtime.compare import Tolerance, compare
@@ -153,7 +153,7 @@ def compile(  # noqa: A001 - the product's verb
     program = captured.program
     done("capture")
     report = CompileReport(source=src.describe(), target=target, nodes_captured=node_count(program),
-                           param_bytes_captured=parameter_bytes(program))
+                           param_bytes_captured=parameter_bytes(program), params_captured=parameter_count(program))
     if calib_data:
         stage("calibrate")
         calibration_doc = calibration.collect(src, program, example, calib_data, calib_method, calib_samples)

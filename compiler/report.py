@@ -28,6 +28,7 @@ class CompileReport:
     passes: list[PassRecord] = field(default_factory=list)
     nodes_captured: int = 0
     param_bytes_captured: int = 0
+    params_captured: int = 0  # weight elements: bits per parameter = 8 * bytes / params
     artifact_bytes: int = 0
     onnx_ops: dict[str, int] = field(default_factory=dict)
     verification: dict | None = None
@@ -50,7 +51,8 @@ class CompileReport:
                     f"{p.param_bytes_before / 1e6:>8.2f}->{p.param_bytes_after / 1e6:<8.2f} {p.max_abs_vs_eager:>16.3g}  {changes}"
                 )
         lines.append("")
-        lines.append(f"artifact size: {self.artifact_bytes / 1e6:.2f} MB (captured weights {self.param_bytes_captured / 1e6:.2f} MB)")
+        lines.append(f"artifact size: {self.artifact_bytes / 1e6:.2f} MB (captured weights {self.param_bytes_captured / 1e6:.2f} MB); "
+                     f"{bits_per_parameter(self.artifact_bytes, self.params_captured)}")
         if self.verification:
             v = self.verification
             verdict = "passed" if v["passed"] else "FAILED"
@@ -70,3 +72,8 @@ class CompileReport:
                                                               if o.get("top1_agreement") is not None else ""))
         lines.append(f"total: {self.total_seconds:.1f} s")
         return "\n".join(lines)
+
+
+def bits_per_parameter(artifact_bytes: int, params: int) -> str:
+    """The artifact's whole size (weights, codes, scales, graph) per weight of the captured model."""
+    return f"{8 * artifact_bytes / params:.2f} bits per parameter" if params else "no parameters"

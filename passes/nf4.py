@@ -71,7 +71,7 @@ class Nf4(Pass[Nf4Config]):
             replace(gm, node, new)
             counts["linear layers quantized"] += 1
         if params:
-            counts["bits per quantized weight stored"] = round(stored_bits / params, 4)
+            counts["NF4 bits per quantized weight (codes + double-quantized scales)"] = round(stored_bits / params, 4)
         notes = unmatched_notes("nf4", self.config.exclude, matched)
         counts["float weights dropped"] = drop_unused_weights(gm, signature, state_dict, constants)
         changed = counts["linear layers quantized"] > 0

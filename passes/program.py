@@ -70,6 +70,17 @@ def parameter_bytes(ep: ExportedProgram) -> int:
     return total
 
 
+def parameter_count(ep: ExportedProgram) -> int:
+    """Elements of every floating-point weight the program reads."""
+    total = 0
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind in _WEIGHT_KINDS:
+            t = ep.state_dict.get(spec.target, ep.constants.get(spec.target))
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                total += t.numel()
+    return total
+
+
 def add_parameter(gm: torch.fx.GraphModule, signature: ExportGraphSignature, state_dict: dict,
                   fqn: str, value: torch.Tensor) -> torch.fx.Node:
     """A new parameter placeholder (after the existing weights, as export orders them) holding value."""

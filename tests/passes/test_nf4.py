@@ -89,7 +89,7 @@ def test_merge_then_nf4_on_default(target, default_model, tmp_path):
     assert report.verification["max_abs"] < 1e-4
     counts = report.passes[-1].counts
     assert counts["linear layers quantized"] == 28 and counts["linear layers excluded"] == 1  # lm_head kept
-    assert counts["bits per quantized weight stored"] <= 4.2
+    assert counts["NF4 bits per quantized weight (codes + double-quantized scales)"] <= 4.2
     if target == "ort":
         assert report.onnx_ops["com.microsoft.MatMulBnb4"] == 28
     else:
@@ -113,3 +113,21 @@ def test_bad_block_is_refused():
 
     with pytest.raises(EffcError, match="power of two"):
         resolve(["nf4"], ["nf4.block=48"])
+
+
+@pytest.mark.parametrize("shape, dtype", [((384, 1536), torch.float32), ((1001, 777), torch.float32),
+                                          ((768, 384), torch.bfloat16)])
+def test_bit_exact_with_bitsandbytes(shape, dtype):
+    """Cross-check with bitsandbytes' own CPU quantize_4bit (QLoRA's settings): the same packed codes,
+    absmax codes, absmax2 and offset, and the same dequantized weights."""
+    bnb = pytest.importorskip("bitsandbytes", reason="pip install bitsandbytes (in the test extra)")
+    torch.manual_seed(5)
+    w = (torch.randn(shape) * 0.02).to(dtype)
+    w[7, :5] = 0.5  # an outlier block
+    packed, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours = quantize_nf4(w)
+    assert torch.equal(ours["packed"].reshape(-1), packed.reshape(-1))
+    assert torch.equal(ours["absmax_codes"], qs.absmax.reshape(-1))
+    assert torch.equal(ours["absmax2"], qs.state2.absmax.reshape(-1))
+    assert float(ours["offset"]) == float(qs.offset)
+    assert torch.equal(dequantize_nf4(ours, dtype), bnb.functional.dequantize_4bit(packed, qs))
