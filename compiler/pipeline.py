@@ -125,7 +125,8 @@ def compile(  # noqa: A001 - the product's verb
     output = Path(output)
     if calib and calib_data:
         raise EffcError("give --calib FILE or --calib-data DATA, not both")
-    have = {Need.EXAMPLE_INPUTS} | ({Need.CALIBRATION} if calib or calib_data else set())
+    have = ({Need.EXAMPLE_INPUTS} | ({Need.CALIBRATION} if calib or calib_data else set())
+            | ({Need.CALIBRATION_DATA} if calib_data else set()))
     pipeline = resolve(list(passes), list(pass_config), have=have)
     target_impl = get_target(target)
     _prepare_output(output, force)

@@ -19,6 +19,7 @@ class Level(str, enum.Enum):
 class Need(str, enum.Enum):
     EXAMPLE_INPUTS = "example_inputs"
     CALIBRATION = "calibration"
+    CALIBRATION_DATA = "calibration_data"  # samples, not just ranges (GPTQ's Hessians, AWQ's search)
 
 
 @dataclass(frozen=True)

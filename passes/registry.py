@@ -12,10 +12,12 @@ PASSES: dict[str, str] = {
     "merge_lora": "effc.passes.merge_lora:MergeLora",
     "int8": "effc.passes.int8:Int8",
     "nf4": "effc.passes.nf4:Nf4",
+    "int4": "effc.passes.int4:Int4",
 }
 
 
-HOW_TO_GIVE = {Need.CALIBRATION: ": give --calib FILE (from `effc calibrate`) or --calib-data DATA"}
+HOW_TO_GIVE = {Need.CALIBRATION: ": give --calib FILE (from `effc calibrate`) or --calib-data DATA",
+               Need.CALIBRATION_DATA: ": give --calib-data DATA (a calibration file holds ranges, not samples)"}
 
 
 def pass_class(name: str) -> type[Pass]:

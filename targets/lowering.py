@@ -156,6 +156,41 @@ def nf4_linear_portable(x, packed, absmax, absmax2, offset, bias, out_features: 
     return y if bias is None else op.Add(y, bias)
 
 
+def int4_linear_ort(x, packed, scales, zero_points, bias, in_features: int, block: int):
+    """MatMulNBits, 4 bits, the layout effc.int4 stores; float activations (accuracy_level 0), so the
+    kernel computes what the reference op does."""
+    n, groups = scales.shape
+    flat = op.Constant(value_ints=[-1])
+    zp = None if zero_points is None else op.Reshape(zero_points, flat)
+    return msft.MatMulNBits(x, packed, op.Reshape(scales, flat), zp, None, bias, K=in_features, N=n, bits=4,
+                            block_size=block, accuracy_level=0)
+
+
+def int4_linear_portable(x, packed, scales, zero_points, bias, in_features: int, block: int):
+    """Standard ops: unpack the nibbles (even k low), subtract the zero point, scale, MatMul."""
+    n, groups = scales.shape
+    u8 = onnx.TensorProto.UINT8
+    lo = op.BitwiseAnd(packed, op.Constant(value=onnx.helper.make_tensor("low", u8, [], [15])))
+    hi = op.BitShift(packed, op.Constant(value=onnx.helper.make_tensor("four", u8, [], [4])), direction="RIGHT")
+    codes = op.Reshape(op.Concat(op.Unsqueeze(lo, [-1]), op.Unsqueeze(hi, [-1]), axis=-1),
+                       op.Constant(value_ints=[n, groups, block]))
+    if zero_points is None:
+        zero = op.Constant(value_float=8.0)
+    else:
+        zlo = op.BitwiseAnd(zero_points, op.Constant(value=onnx.helper.make_tensor("zlow", u8, [], [15])))
+        zhi = op.BitShift(zero_points, op.Constant(value=onnx.helper.make_tensor("zfour", u8, [], [4])),
+                          direction="RIGHT")
+        z = op.Reshape(op.Concat(op.Unsqueeze(zlo, [-1]), op.Unsqueeze(zhi, [-1]), axis=-1),
+                       op.Constant(value_ints=[n, -1]))
+        zero = op.Unsqueeze(op.Cast(op.Slice(z, op.Constant(value_ints=[0]), op.Constant(value_ints=[groups]),
+                                             op.Constant(value_ints=[1])), to=onnx.TensorProto.FLOAT), [-1])
+    w = op.Mul(op.Sub(op.Cast(codes, to=onnx.TensorProto.FLOAT), zero), op.Unsqueeze(scales, [-1]))
+    w = op.Slice(op.Reshape(w, op.Constant(value_ints=[n, groups * block])), op.Constant(value_ints=[0]),
+                 op.Constant(value_ints=[in_features]), op.Constant(value_ints=[1]))
+    y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
+    return y if bias is None else op.Add(y, bias)
+
+
 def int8_embedding(indices, weight, scale):
     """Gather the int8 rows and their scales; dequantize only what was looked up."""
     rows = op.Cast(op.Gather(weight, indices, axis=0), to=1)  # 1 = FLOAT
@@ -169,10 +204,12 @@ ORT = {torch.ops.aten.scaled_dot_product_attention.default: sdpa_to_multihead_at
        ops.int8_linear_static.default: int8_linear_static_ort,
        ops.int8_linear_weight_only.default: int8_linear_weight_only_ort,
        ops.int8_embedding.default: int8_embedding,
-       ops.nf4_linear.default: nf4_linear_ort}
+       ops.nf4_linear.default: nf4_linear_ort,
+       ops.int4_linear.default: int4_linear_ort}
 PORTABLE = {ops.int8_linear_dynamic.default: int8_linear_dynamic_qdq,
             ops.int8_linear_per_token.default: int8_linear_per_token_qdq,
             ops.int8_linear_static.default: int8_linear_static_qdq,
             ops.int8_linear_weight_only.default: int8_linear_weight_only_qdq,
             ops.int8_embedding.default: int8_embedding,
-            ops.nf4_linear.default: nf4_linear_portable}
+            ops.nf4_linear.default: nf4_linear_portable,
+            ops.int4_linear.default: int4_linear_portable}

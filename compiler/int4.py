@@ -1,0 +1,143 @@
+"""Uniform 4-bit block-wise weights: round-to-nearest and GPTQ, in ONNX Runtime's MatMulNBits layout.
+
+Blocks run along K (the input features) for each output row: weight[n, k] = (q[n, k] - zero[n, k // B])
+* scale[n, k // B]. Symmetric: scale = absmax / 7, zero point 8 (codes 1..15); asymmetric: the block's
+[min, max] (widened to hold 0) over 15 steps, zero point round(-min / scale). K is padded with zeros to
+a whole number of blocks (padded codes equal the zero point, so they dequantize to 0).
+
+Storage, as MatMulNBits reads it: codes uint8 [N, K/B, B/2] with element k in the LOW nibble when k
+is even; scales float [N, K/B]; zero points packed two per byte, low nibble first, [N, ceil(K/B / 2)].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _blocks(k: int, block: int) -> int:
+    return -(-k // block)
+
+
+def block_params(w: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) for each row of w [..., B] (one block per row)."""
+    if symmetric:
+        scale = w.abs().amax(-1) / 7
+        zero = torch.full_like(scale, 8)
+    else:
+        lo = w.amin(-1).clamp(max=0)
+        hi = w.amax(-1).clamp(min=0)
+        scale = (hi - lo) / 15
+        zero = torch.clamp(torch.round(-lo / torch.where(scale == 0, torch.ones_like(scale), scale)), 0, 15)
+    return torch.where(scale == 0, torch.ones_like(scale), scale), zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale) + zero, 0, 15)
+
+
+def rtn(weight: torch.Tensor, block: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round to nearest: codes [N, K_padded] (0..15), scales [N, K/B], zeros [N, K/B]."""
+    n, k = weight.shape
+    w = torch.nn.functional.pad(weight.detach().float(), (0, _blocks(k, block) * block - k))
+    wb = w.reshape(n, -1, block)
+    scale, zero = block_params(wb, symmetric)
+    return quantize_codes(wb, scale[..., None], zero[..., None]).reshape(n, -1), scale, zero
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, block: int, symmetric: bool, damp: float = 0.01,
+         act_order: bool = False, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al. 2023): quantize the columns of W one at a time and spread each column's
+    rounding error over the columns not yet quantized, weighted by the inverse Hessian of the layer's
+    reconstruction loss (H = 2 X^T X over calibration inputs), so the layer's OUTPUT error is what is
+    minimized. Block scales come from the weights as updated so far when a block starts (or, with
+    act_order, from the original weights, since columns are then visited by decreasing H diagonal).
+    Returns what rtn() returns."""
+    n, k = weight.shape
+    W = weight.detach().double().clone()
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    groups = _blocks(k, block)
+    scales = torch.zeros(n, groups, dtype=torch.float64)
+    zeros = torch.zeros(n, groups, dtype=torch.float64)
+    if act_order:
+        padded = torch.nn.functional.pad(W, (0, groups * block - k)).reshape(n, groups, block)
+        scales, zeros = block_params(padded, symmetric)
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros(n, k, dtype=torch.float64)
+    for c1 in range(0, k, chunk):
+        c2 = min(c1 + chunk, k)
+        W1, Hinv1 = W[:, c1:c2].clone(), Hinv[c1:c2, c1:c2]
+        err = torch.zeros_like(W1)
+        for i in range(c2 - c1):
+            col = int(perm[c1 + i])
+            g = col // block
+            if not act_order and col % block == 0:  # a block starts: its scale from the updated weights
+                end = min(col + block, k)
+                cur = torch.cat([W1[:, i:i + end - col], W[:, c2:c2 + max(0, end - c2)]], 1)[:, : end - col]
+                scales[:, g], zeros[:, g] = block_params(cur, symmetric)
+            q = quantize_codes(W1[:, i], scales[:, g], zeros[:, g])
+            codes[:, c1 + i] = q
+            e = (W1[:, i] - (q - zeros[:, g]) * scales[:, g]) / Hinv1[i, i]
+            W1[:, i:] -= e[:, None] * Hinv1[i, i:][None, :]
+            err[:, i] = e
+        W[:, c2:] -= err @ Hinv[c1:c2, c2:]
+    codes = codes[:, torch.argsort(perm)]
+    codes = torch.nn.functional.pad(codes, (0, groups * block - k))
+    pad_cols = torch.arange(groups * block) >= k
+    codes[:, pad_cols] = zeros.repeat_interleave(block, 1)[:, pad_cols]
+    return codes, scales.float(), zeros
+
+
+def pack(codes: torch.Tensor, zeros: torch.Tensor, block: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MatMulNBits' layout: codes [N, K/B, B/2] (even k in the low nibble); zero points packed low nibble
+    first [N, ceil(K/B / 2)], or None for symmetric (MatMulNBits' default zero point is 8)."""
+    n = codes.shape[0]
+    c = codes.to(torch.uint8).reshape(n, -1, block)
+    packed = c[..., 0::2] | (c[..., 1::2] << 4)
+    if symmetric:
+        return packed.contiguous(), None
+    z = zeros.to(torch.uint8)
+    if z.shape[1] % 2:
+        z = torch.nn.functional.pad(z, (0, 1), value=8)
+    return packed.contiguous(), (z[:, 0::2] | (z[:, 1::2] << 4)).contiguous()
+
+
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, in_features: int,
+               block: int) -> torch.Tensor:
+    """float32 weight [N, K] from MatMulNBits' layout."""
+    n, groups = scales.shape
+    codes = torch.stack([packed & 0xF, packed >> 4], -1).reshape(n, groups, block).float()
+    if zero_points is None:
+        zero = torch.full((n, groups), 8.0)
+    else:
+        zero = torch.stack([zero_points & 0xF, zero_points >> 4], -1).reshape(n, -1)[:, :groups].float()
+    w = (codes - zero[..., None]) * scales[..., None]
+    return w.reshape(n, groups * block)[:, :in_features]
+
+
+def storage_bits(n: int, k: int, block: int, symmetric: bool) -> float:
+    groups = _blocks(k, block)
+    nbytes = n * groups * block // 2 + n * groups * 4 + (0 if symmetric else n * math.ceil(groups / 2))
+    return 8 * nbytes / (n * k)
+
+
+@torch.library.custom_op("effc::int4_linear", mutates_args=())
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                bias: torch.Tensor | None, in_features: int, block: int) -> torch.Tensor:
+    """y = x @ W^T + bias with W 4-bit block-wise (MatMulNBits' layout), dequantized to float32."""
+    y = x @ dequantize(packed, scales, zero_points, in_features, block).t().to(x.dtype)
+    return y if bias is None else y + bias
+
+
+@int4_linear.register_fake
+def _(x, packed, scales, zero_points, bias, in_features, block):
+    return x.new_empty(*x.shape[:-1], scales.shape[0])

@@ -1,0 +1,121 @@
+"""int4: round-to-nearest against the block-quantization formulas (numpy), GPTQ's error feedback against
+round-to-nearest on a layer's output and on the real all-MiniLM-L6-v2, MatMulNBits and the portable
+lowering against the reference op, and bad configurations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import effc
+from effc.errors import EffcError
+from effc.int4 import dequantize, gptq, pack, rtn
+from effc.passes.base import Need
+from effc.passes.registry import resolve
+
+
+def numpy_block_int4(w: np.ndarray, block: int, symmetric: bool) -> np.ndarray:
+    """Dequantized weights from the formulas: per block of `block` along K, symmetric scale absmax/7 and
+    zero point 8, or asymmetric [min(0, lo), max(0, hi)] / 15 with zero point round(-lo/scale)."""
+    n, k = w.shape
+    kp = -(-k // block) * block
+    wb = np.pad(w.astype(np.float64), ((0, 0), (0, kp - k))).reshape(n, -1, block)
+    if symmetric:
+        scale = np.abs(wb).max(-1, keepdims=True) / 7
+        zero = np.full_like(scale, 8)
+    else:
+        lo, hi = np.minimum(wb.min(-1, keepdims=True), 0), np.maximum(wb.max(-1, keepdims=True), 0)
+        scale = (hi - lo) / 15
+        zero = np.clip(np.round(-lo / np.where(scale == 0, 1, scale)), 0, 15)
+    scale = np.where(scale == 0, 1, scale)
+    q = np.clip(np.round(wb / scale) + zero, 0, 15)
+    return ((q - zero) * scale).reshape(n, kp)[:, :k]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k, block", [(128, 32), (100, 64)])  # 100: K padded to whole blocks
+def test_rtn_matches_formulas(symmetric, k, block):
+    torch.manual_seed(0)
+    w = torch.randn(24, k) * 0.05 + (0 if symmetric else 0.02)
+    codes, scales, zeros = rtn(w, block, symmetric)
+    packed, zero_points = pack(codes, zeros, block, symmetric)
+    assert packed.shape == (24, -(-k // block), block // 2) and packed.dtype == torch.uint8
+    assert int(packed[0, 0, 0]) == int(codes[0, 0]) | (int(codes[0, 1]) << 4)  # even k in the low nibble
+    got = dequantize(packed, scales, zero_points, k, block).numpy()
+    np.testing.assert_allclose(got, numpy_block_int4(w.numpy(), block, symmetric), rtol=1e-5, atol=1e-7)
+
+
+def test_gptq_lowers_the_layer_output_error():
+    """GPTQ minimizes ||X W^T - X Q^T|| with correlated inputs: clearly below round-to-nearest's error at
+    the same format, while its per-weight error is larger (it trades weight error for output error)."""
+    torch.manual_seed(1)
+    mix = torch.randn(64, 64) / 8
+    x = torch.randn(2048, 64) @ (torch.eye(64) + mix)  # correlated features
+    x[:, :4] *= 6
+    w = torch.randn(48, 64) * 0.1
+    h = 2 * x.double().t() @ x.double() / x.shape[0]
+
+    def output_error(codes, scales, zeros):
+        packed, zp = pack(codes, zeros, 32, True)
+        q = dequantize(packed, scales, zp, 64, 32)
+        return float(((x @ w.t() - x @ q.t()) ** 2).mean()), float(((w - q) ** 2).mean())
+
+    rtn_out, rtn_w = output_error(*rtn(w, 32, True))
+    gptq_out, gptq_w = output_error(*gptq(w, h, 32, True))
+    order_out, _ = output_error(*gptq(w, h, 32, True, act_order=True))
+    print(f"output MSE: rtn {rtn_out:.3g}, gptq {gptq_out:.3g}, gptq act_order {order_out:.3g}")
+    assert gptq_out < 0.7 * rtn_out and order_out < 0.7 * rtn_out
+    assert gptq_w > rtn_w
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+@pytest.mark.parametrize("config", [[], ["int4.symmetric=false", "int4.block=64"]])
+def test_merge_then_int4_matches_the_graph(target, config, default_model, tmp_path):
+    model, adapter = default_model
+    report = effc.compile(str(model), tmp_path / "q", adapters=[str(adapter)], passes=["merge_lora", "int4"],
+                          pass_config=config, target=target, atol=1e-4, rtol=0)
+    assert report.verification["passed"] and report.verification["max_abs"] < 1e-4
+    assert report.passes[-1].counts["linear layers quantized"] == 28
+    if target == "ort":
+        assert report.onnx_ops["com.microsoft.MatMulNBits"] == 28
+    else:
+        assert not any(k.startswith("com.microsoft") for k in report.onnx_ops)
+
+
+def test_gptq_beats_rtn_on_minilm(minilm_dir, tmp_path):
+    """Real trained weights: mean-pooled embedding cosine to fp32 on held-out Hamlet speeches, calibration
+    on As You Like It; 4-bit, block 32, symmetric, same bits for both."""
+    from benchmarks.int8_minilm import cosine, mean_pool, tokenize
+    from effc.runtime import open as open_artifact
+    from examples.text import speeches
+    from transformers import BertModel
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(speeches("comedies/as-you-like-it", limit=64)))
+    texts = speeches("tragedies/hamlet", limit=32)
+    eager = BertModel.from_pretrained(minilm_dir).eval()
+    result = {}
+    for method in ("rtn", "gptq"):
+        effc.compile(str(minilm_dir), tmp_path / method, passes=["int4"], pass_config=[f"int4.method={method}"],
+                     calib_data=str(calib), calib_samples=64, target="ort")
+        with open_artifact(tmp_path / method, threads=2) as session:
+            cos = []
+            for i in range(0, len(texts), 8):
+                feeds = tokenize(minilm_dir, texts[i:i + 8], None)
+                with torch.no_grad():
+                    ref = eager(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+                got = session.run(feeds)["last_hidden_state"]
+                cos.append(cosine(mean_pool(ref, feeds["attention_mask"]), mean_pool(got, feeds["attention_mask"])))
+        result[method] = float(np.mean(cos))
+    print(f"MiniLM int4 embedding cosine: {result}")
+    assert result["gptq"] > result["rtn"] + 0.01
+
+
+def test_bad_int4_configs():
+    with pytest.raises(EffcError, match="needs calibration_data.*--calib-data"):
+        resolve(["int4"], ["int4.method=gptq"], have={Need.EXAMPLE_INPUTS, Need.CALIBRATION})
+    with pytest.raises(EffcError, match="not a power of two"):
+        resolve(["int4"], ["int4.block=48"])
+    with pytest.raises(EffcError, match="act_order is for int4.method=gptq"):
+        resolve(["int4"], ["int4.act_order=true"])
