@@ -28,6 +28,9 @@ class Int4Config(PassConfig):
     symmetric: bool = True  # False: a 4-bit zero point per block as well
     act_order: bool = False  # gptq: visit columns by decreasing Hessian diagonal
     damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added to it
+    # Quantize activations to int8 per block at run time too (ONNX Runtime's MatMulNBits accuracy_level 4):
+    # 2-4x faster decode here, at a small extra error the report shows.
+    int8_activations: bool = False
     exclude: tuple[str, ...] = ()
     lm_head: bool = False
 
@@ -77,7 +80,8 @@ class Int4(Pass[Int4Config]):
                                                                    f"{name}.weight_zero_points", zero_points)]
             bias = node.args[2] if len(node.args) > 2 else None
             with gm.graph.inserting_before(node):
-                new = call(gm.graph, torch.ops.effc.int4_linear.default, (node.args[0], *args, bias, w.shape[1], c.block))
+                new = call(gm.graph, torch.ops.effc.int4_linear.default, (node.args[0], *args, bias, w.shape[1], c.block,
+                                                                       c.int8_activations))
             replace(gm, node, new)
             counts["linear layers quantized"] += 1
             bits += storage_bits(*w.shape, c.block, c.symmetric) * w.numel()

@@ -156,18 +156,37 @@ def nf4_linear_portable(x, packed, absmax, absmax2, offset, bias, out_features: 
     return y if bias is None else op.Add(y, bias)
 
 
-def int4_linear_ort(x, packed, scales, zero_points, bias, in_features: int, block: int):
-    """MatMulNBits, 4 bits, the layout effc.int4 stores; float activations (accuracy_level 0), so the
-    kernel computes what the reference op does."""
+def int4_linear_ort(x, packed, scales, zero_points, bias, in_features: int, block: int, int8_activations: bool):
+    """MatMulNBits, 4 bits, the layout effc.int4 stores: float activations (accuracy_level 0), or int8
+    activations per block (accuracy_level 4), as the reference op says."""
     n, groups = scales.shape
     flat = op.Constant(value_ints=[-1])
     zp = None if zero_points is None else op.Reshape(zero_points, flat)
     return msft.MatMulNBits(x, packed, op.Reshape(scales, flat), zp, None, bias, K=in_features, N=n, bits=4,
-                            block_size=block, accuracy_level=0)
+                            block_size=block, accuracy_level=4 if int8_activations else 0)
 
 
-def int4_linear_portable(x, packed, scales, zero_points, bias, in_features: int, block: int):
-    """Standard ops: unpack the nibbles (even k low), subtract the zero point, scale, MatMul."""
+def _fake_quantize_blocks(x, k: int, block: int):
+    """effc.int4.quantize_activations in standard ops: pad K, per-block absmax / 127, round, rescale."""
+    blocks, rank = -(-k // block), len(x.shape)
+    pad = blocks * block - k
+    padded = op.Pad(x, op.Constant(value_ints=[0] * (2 * rank - 1) + [pad])) if pad else x
+    shape = op.Concat(op.Slice(op.Shape(x), op.Constant(value_ints=[0]), op.Constant(value_ints=[-1])),
+                      op.Constant(value_ints=[blocks, block]), axis=0)
+    xb = op.Reshape(padded, shape)
+    scale = op.Div(op.ReduceMax(op.Abs(xb), [-1], keepdims=1), op.CastLike(127.0, x))
+    scale = op.Where(op.Equal(scale, op.CastLike(0.0, x)), op.CastLike(1.0, x), scale)
+    xq = op.Reshape(op.Mul(op.Round(op.Div(xb, scale)), scale), op.Shape(padded))
+    if not pad:
+        return xq
+    return op.Slice(xq, op.Constant(value_ints=[0]), op.Constant(value_ints=[k]), op.Constant(value_ints=[-1]))
+
+
+def int4_linear_portable(x, packed, scales, zero_points, bias, in_features: int, block: int, int8_activations: bool):
+    """Standard ops: unpack the nibbles (even k low), subtract the zero point, scale, MatMul (with the
+    activations fake-quantized per block when int8_activations)."""
+    if int8_activations:
+        x = _fake_quantize_blocks(x, in_features, block)
     n, groups = scales.shape
     u8 = onnx.TensorProto.UINT8
     lo = op.BitwiseAnd(packed, op.Constant(value=onnx.helper.make_tensor("low", u8, [], [15])))

@@ -70,17 +70,48 @@ def test_gptq_lowers_the_layer_output_error():
 
 
 @pytest.mark.parametrize("target", ["ort", "onnx"])
-@pytest.mark.parametrize("config", [[], ["int4.symmetric=false", "int4.block=64"]])
+@pytest.mark.parametrize("config", [[], ["int4.symmetric=false", "int4.block=64"], ["int4.int8_activations=true"]])
 def test_merge_then_int4_matches_the_graph(target, config, default_model, tmp_path):
     model, adapter = default_model
     report = effc.compile(str(model), tmp_path / "q", adapters=[str(adapter)], passes=["merge_lora", "int4"],
                           pass_config=config, target=target, atol=1e-4, rtol=0)
-    assert report.verification["passed"] and report.verification["max_abs"] < 1e-4
+    assert report.verification["passed"]
+    if "int4.int8_activations=true" in config:
+        # activation roundings flip after tiny upstream differences (as for int8): as accurate as the graph;
+        # the one-layer test below shows the kernel computes the reference op
+        for r in report.verification.get("quantized_rounding", []):
+            assert r["artifact_sqnr_db_vs_eager"] >= r["graph_sqnr_db_vs_eager"] - 1.5
+    else:
+        assert report.verification["max_abs"] < 1e-4 and "quantized_rounding" not in report.verification
     assert report.passes[-1].counts["linear layers quantized"] == 28
     if target == "ort":
         assert report.onnx_ops["com.microsoft.MatMulNBits"] == 28
     else:
         assert not any(k.startswith("com.microsoft") for k in report.onnx_ops)
+
+
+def test_int8_activations_reference_matches_matmulnbits_level_4():
+    """MatMulNBits at accuracy_level 4 quantizes its input per block of K to int8 (absmax / 127, round half
+    to even); effc's reference op says the same, on one layer with rows of very different scale."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    torch.manual_seed(2)
+    k, n = 200, 48  # K padded to 224 (7 blocks of 32)
+    w = torch.randn(n, k) * 0.05
+    codes, scales, zeros = rtn(w, 32, True)
+    packed, _ = pack(codes, zeros, 32, True)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=32, accuracy_level=4)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(packed.numpy(), "b"),
+                               numpy_helper.from_array(scales.reshape(-1).numpy(), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    x = torch.randn(6, k) * torch.tensor([0.01, 1, 10, 3, 0.5, 100])[:, None]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    want = torch.ops.effc.int4_linear(x, packed, scales, None, None, k, 32, True).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
 def test_gptq_beats_rtn_on_minilm(minilm_dir, tmp_path):
