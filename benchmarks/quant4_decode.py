@@ -3,8 +3,8 @@
 1. One linear layer, M=1 (decode) and M=128 (prefill), K=N=4096 and K=768,N=3072: fp32 MatMul against
    effc's int4 lowering (MatMulNBits, float activations), its accuracy_level 4 variant (int8
    activations) and NF4 on MatMulBnb4 (the exact NF4 kernel ONNX Runtime has).
-2. A whole random-weight Llama (8 layers, hidden 1024) run on one token (batch 1 x 1): fp32 vs int4
-   and nf4 `ort` artifacts compiled by effc.
+2. A whole random-weight Llama (8 layers, hidden 1024) run on one token (batch 1 x 1, no KV cache: the
+   decode-shaped forward): fp32 vs int4 (float or int8 activations) and nf4 `ort` artifacts.
 
     .venv/bin/python benchmarks/quant4_decode.py [--iters 200]
 """
@@ -104,9 +104,11 @@ def main() -> None:
                                           num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8,
                                           architectures=["LlamaForCausalLM"])
         transformers.LlamaForCausalLM(config).save_pretrained(tmp / "llama")
-        variants = {"fp32": [], "int4 (rtn, block 32)": ["int4"], "nf4 (MatMulBnb4)": ["nf4"]}
-        for i, (name, passes) in enumerate(variants.items()):
-            effc.compile(str(tmp / "llama"), tmp / f"v{i}", passes=passes, target="ort")
+        variants = {"fp32": ([], []), "int4 (rtn, block 32)": (["int4"], []),
+                    "int4 (rtn, block 32, int8 activations)": (["int4"], ["int4.int8_activations=true"]),
+                    "nf4 (MatMulBnb4)": (["nf4"], [])}
+        for i, (name, (passes, config)) in enumerate(variants.items()):
+            effc.compile(str(tmp / "llama"), tmp / f"v{i}", passes=passes, pass_config=config, target="ort")
         runners = {name: open_artifact(tmp / f"v{i}", threads=2) for i, name in enumerate(variants)}
         feeds = {"input_ids": np.array([[42]], np.int64), "attention_mask": np.ones((1, 1), np.int64)}
         res = timed({name: r.run for name, r in runners.items()}, lambda _name: feeds, max(20, a.iters // 4))

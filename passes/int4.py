@@ -1,8 +1,11 @@
-"""int4: uniform 4-bit block-wise linear weights (effc.int4), by round-to-nearest or GPTQ.
+"""int4: uniform 4-bit block-wise linear weights (effc.int4), by round-to-nearest, GPTQ or AWQ.
 
-`int4.method=gptq` needs calibration samples (--calib-data): each layer's Hessian H = 2 X^T X is summed
-over the inputs that reach it in the float model (padding positions left out), then GPTQ quantizes
-the columns with error feedback. The LM head stays in float unless int4.lm_head=true.
+gptq and awq need calibration samples (--calib-data), streamed through the float model (padding
+positions left out). GPTQ: each layer's Hessian H = 2 X^T X, then columns quantized with error
+feedback. AWQ (Lin et al. 2024): per input channel scales s = mean|X_j|^a, a searched on a grid for the
+smallest output error of the quantized W*s on calibration rows; X/s is folded into the norm before the
+layer when only the scaled layers read it (else a multiply in the graph). The LM head stays in float
+unless int4.lm_head=true.
 """
 
 from __future__ import annotations
@@ -13,17 +16,18 @@ from typing import Literal
 import torch
 
 from effc.errors import EffcError
-from effc.int4 import gptq, pack, rtn, storage_bits
+from effc.int4 import dequantize, gptq, pack, rtn, storage_bits
 from effc.passes.base import Level, Need, Pass, PassConfig, PassContext, PassResult
 from effc.passes.layers import replace, select, unmatched_notes, weights_by_node
 from effc.passes.program import add_parameter, call, drop_unused_weights, edit, module_name, rebuild
+from effc.passes.smoothquant import divide_input
 
 aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
 class Int4Config(PassConfig):
-    method: Literal["rtn", "gptq"] = "rtn"
+    method: Literal["rtn", "gptq", "awq"] = "rtn"
     block: int = 32  # weights per scale along K: 32, 64 or 128 (MatMulNBits takes powers of two >= 16)
     symmetric: bool = True  # False: a 4-bit zero point per block as well
     act_order: bool = False  # gptq: visit columns by decreasing Hessian diagonal
@@ -51,26 +55,29 @@ class Int4(Pass[Int4Config]):
     exact = False
 
     def needs(self) -> set[Need]:
-        return {Need.CALIBRATION_DATA} if self.config.method == "gptq" else set()
+        return {Need.CALIBRATION_DATA} if self.config.method in ("gptq", "awq") else set()
 
     def run(self, ep, ctx: PassContext) -> PassResult:
         c = self.config
-        hessians = _hessians(ep, ctx.data) if c.method == "gptq" else {}
+        stats = _input_stats(ep, ctx.data, hessians=c.method == "gptq") if c.method != "rtn" else None
         gm, signature, state_dict, constants = edit(ep)
         weights = weights_by_node(signature, state_dict)
         exclude = c.exclude + (() if c.lm_head else ("lm_head", "*.lm_head"))
         matched: set[str] = set()
         counts = {"linear layers quantized": 0, "linear layers excluded": 0}
-        bits = params = 0.0
+        chosen: dict[torch.fx.Node, tuple[str, torch.Tensor]] = {}
         for node in list(gm.graph.nodes):
-            if node.target is not aten.linear.default:
-                continue
-            w, name = select(weights, node.args[1], node, exclude, matched)
-            if w is None:
-                counts["linear layers excluded"] += name is not None
-                continue
+            if node.target is aten.linear.default:
+                w, name = select(weights, node.args[1], node, exclude, matched)
+                counts["linear layers excluded"] += w is None and name is not None
+                if w is not None:
+                    chosen[node] = (name, w.detach())
+        if c.method == "awq":
+            chosen, counts["AWQ scales folded into norms"] = self._awq(gm, signature, state_dict, chosen, stats)
+        bits = params = 0.0
+        for node, (name, w) in chosen.items():
             if c.method == "gptq":
-                codes, scales, zeros = gptq(w, hessians[name], c.block, c.symmetric, c.damp, c.act_order)
+                codes, scales, zeros = gptq(w, stats.hessians[name], c.block, c.symmetric, c.damp, c.act_order)
             else:
                 codes, scales, zeros = rtn(w, c.block, c.symmetric)
             packed, zero_points = pack(codes, zeros, c.block, c.symmetric)
@@ -93,14 +100,61 @@ class Int4(Pass[Int4Config]):
         changed = counts["linear layers quantized"] > 0
         return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
 
+    def _awq(self, gm, signature, state_dict, chosen, stats) -> tuple[dict, int]:
+        """Scale each group of layers reading one input (q/k/v, gate/up) by the searched s; returns the
+        layers with their weights times s, and how many groups' 1/s went into a norm."""
+        groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        for node in chosen:
+            groups.setdefault(node.args[0], []).append(node)
+        folded = 0
+        out = dict(chosen)
+        for x, linears in groups.items():
+            name = chosen[linears[0]][0]
+            s = awq_scales(stats.rows[name], stats.absmean[name], [chosen[n][1] for n in linears],
+                           self.config.block, self.config.symmetric)
+            folded += divide_input(gm, signature, state_dict, x, linears, s, f"{name}.awq")
+            for n in linears:
+                out[n] = (chosen[n][0], (chosen[n][1].double() * s).float())
+        return out, folded
 
-class _HessianCollector(torch.fx.Interpreter):
-    """Runs the float graph and sums 2 x x^T over the (unpadded) input rows of every linear layer."""
 
-    def __init__(self, module: torch.fx.GraphModule):
+AWQ_GRID = 20
+
+
+def awq_scales(rows: torch.Tensor, absmean: torch.Tensor, weights: list[torch.Tensor], block: int,
+               symmetric: bool) -> torch.Tensor:
+    """AWQ's search: s = mean|X|^a (normalized around 1) for a in 0, 0.05 .. 1, keeping the s whose
+    round-to-nearest W*s, used as Q(W*s)/s on X, gives the smallest output MSE on the calibration rows."""
+    w = torch.cat(weights).double()
+    x = rows.double()
+    ref = x @ w.t()
+    best, best_s = float("inf"), torch.ones(w.shape[1], dtype=torch.float64)
+    for i in range(AWQ_GRID + 1):
+        s = absmean.double().clamp(min=1e-4).pow(i / AWQ_GRID)
+        s = s / (s.max() * s.min()).sqrt()
+        codes, scales, zeros = rtn((w * s).float(), block, symmetric)
+        packed, zero_points = pack(codes, zeros, block, symmetric)
+        q = dequantize(packed, scales, zero_points, w.shape[1], block).double() / s
+        err = float(((x @ q.t() - ref) ** 2).mean())
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
+ROW_SAMPLE = 512  # calibration rows kept per layer for AWQ's search
+
+
+class _InputStats(torch.fx.Interpreter):
+    """Runs the float graph and, for every linear layer's (unpadded) input rows, sums 2 x x^T (GPTQ's
+    Hessian) or keeps mean |x| per channel and a sample of rows (AWQ)."""
+
+    def __init__(self, module: torch.fx.GraphModule, hessians: bool):
         super().__init__(module)
-        self.sums: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {}
+        self.want_hessians = hessians
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.absmean: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, torch.Tensor] = {}
         self.mask: torch.Tensor | None = None
 
     def run_node(self, n: torch.fx.Node):
@@ -110,19 +164,27 @@ class _HessianCollector(torch.fx.Interpreter):
                 x = x[self.mask != 0]
             x = x.reshape(-1, x.shape[-1])
             name = module_name(n)
-            self.sums[name] = self.sums.get(name, 0) + 2 * x.t() @ x
-            self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+            seen = self.count.get(name, 0)
+            self.count[name] = seen + x.shape[0]
+            if self.want_hessians:
+                self.hessians[name] = self.hessians.get(name, 0) + 2 * x.t() @ x
+            else:
+                total = self.absmean.get(name, 0) * seen + x.abs().sum(0)
+                self.absmean[name] = total / self.count[name]
+                kept = self.rows.get(name, x[:0])
+                self.rows[name] = torch.cat([kept, x[: max(0, ROW_SAMPLE - kept.shape[0])]])
         return super().run_node(n)
 
 
-def _hessians(ep, data) -> dict[str, torch.Tensor]:
+def _input_stats(ep, data, hessians: bool) -> _InputStats:
     if not data:
-        raise EffcError("int4.method=gptq needs calibration samples: give --calib-data DATA")
+        raise EffcError("int4.method=gptq/awq needs calibration samples: give --calib-data DATA")
     module = ep.module()
-    collector = _HessianCollector(module)
+    stats = _InputStats(module, hessians)
     order = [n.target for n in module.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
         for feeds in data:
-            collector.mask = feeds.get("attention_mask")
-            collector.run(*[feeds[k] for k in order])
-    return {name: total / max(collector.rows[name], 1) for name, total in collector.sums.items()}
+            stats.mask = feeds.get("attention_mask")
+            stats.run(*[feeds[k] for k in order])
+    stats.hessians = {name: h / max(stats.count[name], 1) for name, h in stats.hessians.items()}
+    return stats

@@ -59,16 +59,25 @@ def smooth(gm: torch.fx.GraphModule, signature, state_dict: dict, layers: dict[t
         smoothed = cabs / s
         for name in names:
             out.stats[name] = {**ranges[name], "amax": float(smoothed.max()), "channel_absmax": smoothed.tolist()}
-        if _fold(gm, signature, state_dict, x, set(linears), s):
+        if divide_input(gm, signature, state_dict, x, linears, s, f"{names[0]}.smoothquant"):
             out.folded += 1
         else:
-            inv = add_parameter(gm, signature, state_dict, f"{names[0]}.smoothquant_inv_scale", (1 / s).float())
-            with gm.graph.inserting_before(linears[0]):
-                scaled = call(gm.graph, aten.mul.Tensor, (x, inv), linears[0])
-            for n in linears:
-                n.replace_input_with(x, scaled)
             out.explicit += 1
     return out
+
+
+def divide_input(gm, signature, state_dict, x: torch.fx.Node, linears: list[torch.fx.Node], s: torch.Tensor,
+                 prefix: str) -> bool:
+    """Make the linears read X / s (their weights are multiplied by s by the caller): folded into the
+    norm producing X when only they read it (True), else a multiply in the graph (False)."""
+    if _fold(gm, signature, state_dict, x, set(linears), s):
+        return True
+    inv = add_parameter(gm, signature, state_dict, f"{prefix}_inv_scale", (1 / s).float())
+    with gm.graph.inserting_before(linears[0]):
+        scaled = call(gm.graph, aten.mul.Tensor, (x, inv), linears[0])
+    for n in linears:
+        n.replace_input_with(x, scaled)
+    return False
 
 
 def _fold(gm, signature, state_dict, x: torch.fx.Node, readers: set[torch.fx.Node], s: torch.Tensor) -> bool:

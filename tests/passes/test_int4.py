@@ -1,5 +1,5 @@
 """int4: round-to-nearest against the block-quantization formulas (numpy), GPTQ's error feedback against
-round-to-nearest on a layer's output and on the real all-MiniLM-L6-v2, MatMulNBits and the portable
+round-to-nearest on a layer's output, GPTQ and AWQ against round-to-nearest on the real all-MiniLM-L6-v2, MatMulNBits and the portable
 lowering against the reference op, and bad configurations."""
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def test_int8_activations_reference_matches_matmulnbits_level_4():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
-def test_gptq_beats_rtn_on_minilm(minilm_dir, tmp_path):
+def test_gptq_and_awq_beat_rtn_on_minilm(minilm_dir, tmp_path):
     """Real trained weights: mean-pooled embedding cosine to fp32 on held-out Hamlet speeches, calibration
     on As You Like It; 4-bit, block 32, symmetric, same bits for both."""
     from benchmarks.int8_minilm import cosine, mean_pool, tokenize
@@ -127,7 +127,7 @@ def test_gptq_beats_rtn_on_minilm(minilm_dir, tmp_path):
     texts = speeches("tragedies/hamlet", limit=32)
     eager = BertModel.from_pretrained(minilm_dir).eval()
     result = {}
-    for method in ("rtn", "gptq"):
+    for method in ("rtn", "gptq", "awq"):
         effc.compile(str(minilm_dir), tmp_path / method, passes=["int4"], pass_config=[f"int4.method={method}"],
                      calib_data=str(calib), calib_samples=64, target="ort")
         with open_artifact(tmp_path / method, threads=2) as session:
@@ -140,12 +140,13 @@ def test_gptq_beats_rtn_on_minilm(minilm_dir, tmp_path):
                 cos.append(cosine(mean_pool(ref, feeds["attention_mask"]), mean_pool(got, feeds["attention_mask"])))
         result[method] = float(np.mean(cos))
     print(f"MiniLM int4 embedding cosine: {result}")
-    assert result["gptq"] > result["rtn"] + 0.01
+    assert result["gptq"] > result["rtn"] + 0.01 and result["awq"] > result["rtn"] + 0.01
 
 
 def test_bad_int4_configs():
-    with pytest.raises(EffcError, match="needs calibration_data.*--calib-data"):
-        resolve(["int4"], ["int4.method=gptq"], have={Need.EXAMPLE_INPUTS, Need.CALIBRATION})
+    for method in ("gptq", "awq"):
+        with pytest.raises(EffcError, match="needs calibration_data.*--calib-data"):
+            resolve(["int4"], [f"int4.method={method}"], have={Need.EXAMPLE_INPUTS, Need.CALIBRATION})
     with pytest.raises(EffcError, match="not a power of two"):
         resolve(["int4"], ["int4.block=48"])
     with pytest.raises(EffcError, match="act_order is for int4.method=gptq"):
