@@ -1,9 +1,9 @@
-"""Accuracy only (no timing) of int8 configurations on the real all-MiniLM-L6-v2: mean-pooled embedding
-cosine to fp32 eager PyTorch on held-out Hamlet speeches; calibration on As You Like It.
+"""Accuracy only (no timing) of quantization configurations on the real all-MiniLM-L6-v2: mean-pooled
+embedding cosine to fp32 eager PyTorch on held-out Hamlet speeches; calibration on As You Like It.
 
-    .venv/bin/python benchmarks/int8_minilm_accuracy.py "int8.mode=static" "int8.mode=static;int8.auto_exclude=0.01"
+    .venv/bin/python benchmarks/minilm_accuracy.py "int8;int8.mode=static" "int4;int4.method=gptq" nf4
 
-Each argument is one configuration: --pass-config items separated by ';'.
+Each argument is one configuration: the pass, then its --pass-config items, separated by ';'.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ def main() -> None:
     calib.write_text("\n".join(speeches("comedies/as-you-like-it", limit=256)))
     texts = speeches("tragedies/hamlet", limit=a.texts)
     eager = BertModel.from_pretrained(model_dir).eval()
-    print(f"| int8 --pass-config | mean embedding cosine ({len(texts)} Hamlet speeches) | layers in float |\n|---|---|---|")
+    print(f"| configuration | mean embedding cosine ({len(texts)} Hamlet speeches) | linear layers in float |\n|---|---|---|")
     for i, config in enumerate(a.configs):
-        report = effc.compile(str(model_dir), tmp / f"c{i}", target="ort", passes=["int8"], pass_config=config.split(";"),
+        name, *config_items = config.split(";")
+        report = effc.compile(str(model_dir), tmp / f"c{i}", target="ort", passes=[name], pass_config=config_items,
                      calib_data=str(calib), calib_samples=256, calib_method=a.calib_method)
         session, cos = open_artifact(tmp / f"c{i}", threads=2), []
         for start in range(0, len(texts), 8):
