@@ -71,6 +71,11 @@ def example_inputs(model: torch.nn.Module, config, shapes: dict[str, tuple[int, 
                    given: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Inputs to capture with: a factory's own, else derived from the HF config, at --input-shapes if given."""
     shapes = shapes or {}
+    for name, shape in shapes.items():
+        if any(size < 2 for size in shape[:2 if name in TEXT_INPUTS else 1]):
+            raise EffcError(f"--input-shapes {name}:{'x'.join(map(str, shape))}: batch and sequence are captured as "
+                            "dynamic, and torch.export fixes a dim of size 0 or 1 to that size; give 2 or more "
+                            "(the artifact still runs batch 1 and sequence 1)")
     if given is not None:
         inputs = dict(given)
         for name, shape in shapes.items():

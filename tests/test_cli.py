@@ -60,7 +60,8 @@ def test_bad_compile_inputs(default_model, wrong_adapters, tmp_path):
         ((model, "--pass-config", "cleanup.remove_asserts=true"), ["not in --passes"]),
         ((model, "--target", "tflite"), ["unknown target 'tflite'", "onnx", "ort"]),
         ((model, "--input-shapes", "input_ids:axb"), ["--input-shapes"]),
-        ((model, "--input-shapes", "pixels:1x3"), ["pixels"]),
+        ((model, "--input-shapes", "pixels:2x3"), ["pixels"]),
+        ((model, "--input-shapes", "input_ids:1x16,attention_mask:1x16"), ["size 0 or 1", "still runs batch 1"]),
         (("no_such_module:make",), ["cannot import module"]),
     ]
     for args, needles in cases:
