@@ -106,7 +106,8 @@ def main() -> None:
         transformers.LlamaForCausalLM(config).save_pretrained(tmp / "llama")
         variants = {"fp32": ([], []), "int4 (rtn, block 32)": (["int4"], []),
                     "int4 (rtn, block 32, int8 activations)": (["int4"], ["int4.int8_activations=true"]),
-                    "nf4 (MatMulBnb4)": (["nf4"], [])}
+                    "nf4 (MatMulBnb4)": (["nf4"], []),
+                    "nf4 re-expressed as 8-bit blocks (MatMulNBits)": (["nf4"], ["nf4.kernel=int8_blocks"])}
         for i, (name, (passes, config)) in enumerate(variants.items()):
             effc.compile(str(tmp / "llama"), tmp / f"v{i}", passes=passes, pass_config=config, target="ort")
         runners = {name: open_artifact(tmp / f"v{i}", threads=2) for i, name in enumerate(variants)}

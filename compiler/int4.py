@@ -112,14 +112,17 @@ def pack(codes: torch.Tensor, zeros: torch.Tensor, block: int, symmetric: bool) 
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, in_features: int,
-               block: int) -> torch.Tensor:
-    """float32 weight [N, K] from MatMulNBits' layout."""
+               block: int, bits: int = 4) -> torch.Tensor:
+    """float32 weight [N, K] from MatMulNBits' layout (4 bits: two codes per byte, even k low; 8 bits: one
+    code per byte, zero point 128 by default)."""
     n, groups = scales.shape
-    codes = torch.stack([packed & 0xF, packed >> 4], -1).reshape(n, groups, block).float()
-    if zero_points is None:
-        zero = torch.full((n, groups), 8.0)
+    if bits == 8:
+        codes = packed.reshape(n, groups, block).float()
+        zero = torch.full((n, groups), 128.0) if zero_points is None else zero_points.reshape(n, groups).float()
     else:
-        zero = torch.stack([zero_points & 0xF, zero_points >> 4], -1).reshape(n, -1)[:, :groups].float()
+        codes = torch.stack([packed & 0xF, packed >> 4], -1).reshape(n, groups, block).float()
+        zero = (torch.full((n, groups), 8.0) if zero_points is None else
+                torch.stack([zero_points & 0xF, zero_points >> 4], -1).reshape(n, -1)[:, :groups].float())
     w = (codes - zero[..., None]) * scales[..., None]
     return w.reshape(n, groups * block)[:, :in_features]
 
@@ -141,17 +144,18 @@ def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
     return (torch.round(xb / scale) * scale).reshape(padded.shape)[..., :k].to(x.dtype)
 
 
-@torch.library.custom_op("effc::int4_linear", mutates_args=())
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
-                bias: torch.Tensor | None, in_features: int, block: int, int8_activations: bool) -> torch.Tensor:
-    """y = x @ W^T + bias with W 4-bit block-wise (MatMulNBits' layout), dequantized to float32; with
-    int8_activations, x is quantized per block at run time as well (the faster integer kernel)."""
+@torch.library.custom_op("effc::nbits_linear", mutates_args=())
+def nbits_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                 bias: torch.Tensor | None, in_features: int, block: int, bits: int,
+                 int8_activations: bool) -> torch.Tensor:
+    """y = x @ W^T + bias with W 4- or 8-bit block-wise (MatMulNBits' layout), dequantized to float32;
+    with int8_activations, x is quantized per block at run time as well (the faster integer kernel)."""
     if int8_activations:
         x = quantize_activations(x, block)
-    y = x @ dequantize(packed, scales, zero_points, in_features, block).t().to(x.dtype)
+    y = x @ dequantize(packed, scales, zero_points, in_features, block, bits).t().to(x.dtype)
     return y if bias is None else y + bias
 
 
-@int4_linear.register_fake
-def _(x, packed, scales, zero_points, bias, in_features, block, int8_activations):
+@nbits_linear.register_fake
+def _(x, packed, scales, zero_points, bias, in_features, block, bits, int8_activations):
     return x.new_empty(*x.shape[:-1], scales.shape[0])

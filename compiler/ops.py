@@ -127,4 +127,4 @@ def _(x, weight_t, weight_scale, bias=None):
     return x.new_empty(*x.shape[:-1], weight_t.shape[1])
 
 from effc import nf4  # noqa: E402,F401  (registers effc::nf4_linear)
-from effc import int4  # noqa: E402,F401  (registers effc::int4_linear)
+from effc import int4  # noqa: E402,F401  (registers effc::nbits_linear)

@@ -87,8 +87,8 @@ class Int4(Pass[Int4Config]):
                                                                    f"{name}.weight_zero_points", zero_points)]
             bias = node.args[2] if len(node.args) > 2 else None
             with gm.graph.inserting_before(node):
-                new = call(gm.graph, torch.ops.effc.int4_linear.default, (node.args[0], *args, bias, w.shape[1], c.block,
-                                                                       c.int8_activations))
+                new = call(gm.graph, torch.ops.effc.nbits_linear.default,
+                           (node.args[0], *args, bias, w.shape[1], c.block, 4, c.int8_activations))
             replace(gm, node, new)
             counts["linear layers quantized"] += 1
             bits += storage_bits(*w.shape, c.block, c.symmetric) * w.numel()

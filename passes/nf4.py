@@ -7,11 +7,12 @@ output projection is the most sensitive layer and, with tied embeddings, shares 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from effc.errors import EffcError
-from effc.nf4 import quantize_nf4, storage_bits_per_param
+from effc.nf4 import NF4_CODE, dequantize_absmax, dequantize_nf4, quantize_nf4, storage_bits_per_param
 from effc.passes.base import Level, Pass, PassConfig, PassContext, PassResult
 from effc.passes.layers import replace, select, unmatched_notes, weights_by_node
 from effc.passes.program import add_parameter, call, drop_unused_weights, edit, rebuild
@@ -25,6 +26,10 @@ class Nf4Config(PassConfig):
     double_quant: bool = True  # 8-bit codes for the block absmax (block 256): 0.127 instead of 0.5 bits/param
     exclude: tuple[str, ...] = ()  # globs of module names kept in float
     lm_head: bool = False  # quantize the output projection (lm_head) too
+    # exact: NF4 as stored (ONNX Runtime's MatMulBnb4 on ort: exact, slower than fp32 on CPU).
+    # int8_blocks: each NF4 block re-expressed as 8-bit codes round(127 * nf4) with scale absmax / 127,
+    # which MatMulNBits runs fast; the weights then differ from NF4 by a little (reported), at 8.5 bits.
+    kernel: Literal["exact", "int8_blocks"] = "exact"
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
@@ -47,6 +52,8 @@ class Nf4(Pass[Nf4Config]):
         matched: set[str] = set()
         counts = {"linear layers quantized": 0, "linear layers excluded": 0}
         stored_bits = params = 0
+        drift: list[float] = []
+        exact_fallback: list[str] = []
         for node in list(gm.graph.nodes):
             if node.target is not aten.linear.default:
                 continue
@@ -57,6 +64,15 @@ class Nf4(Pass[Nf4Config]):
             state = quantize_nf4(w.detach(), self.config.block, self.config.double_quant)
             stored_bits += storage_bits_per_param(state) * w.numel()
             params += w.numel()
+            bias = node.args[2] if len(node.args) > 2 else None
+            if self.config.kernel == "int8_blocks" and w.shape[1] % self.config.block:
+                exact_fallback.append(name)  # its NF4 blocks straddle rows: MatMulNBits cannot hold them
+            elif self.config.kernel == "int8_blocks":
+                new, diff = self._int8_blocks(gm, signature, state_dict, node, name, state, bias)
+                drift.append(diff)
+                replace(gm, node, new)
+                counts["linear layers quantized"] += 1
+                continue
             tensors = [add_parameter(gm, signature, state_dict, f"{name}.weight_nf4", state["packed"])]
             if self.config.double_quant:
                 tensors += [add_parameter(gm, signature, state_dict, f"{name}.absmax_codes", state["absmax_codes"]),
@@ -64,7 +80,6 @@ class Nf4(Pass[Nf4Config]):
                             add_parameter(gm, signature, state_dict, f"{name}.absmax_offset", state["offset"].reshape(1))]
             else:
                 tensors += [add_parameter(gm, signature, state_dict, f"{name}.absmax", state["absmax"]), None, None]
-            bias = node.args[2] if len(node.args) > 2 else None
             with gm.graph.inserting_before(node):
                 new = call(gm.graph, torch.ops.effc.nf4_linear.default,
                            (node.args[0], *tensors, bias, w.shape[0], w.shape[1], self.config.block, 256))
@@ -73,6 +88,32 @@ class Nf4(Pass[Nf4Config]):
         if params:
             counts["NF4 bits per quantized weight (codes + double-quantized scales)"] = round(stored_bits / params, 4)
         notes = unmatched_notes("nf4", self.config.exclude, matched)
+        if exact_fallback:
+            notes.append(f"nf4.kernel=int8_blocks: {len(exact_fallback)} layers with in_features not divisible by "
+                         f"nf4.block kept the exact kernel ({', '.join(exact_fallback[:3])}"
+                         f"{'…' if len(exact_fallback) > 3 else ''})")
+        if drift:
+            notes.append(f"nf4.kernel=int8_blocks: weights differ from NF4 by {100 * max(drift):.2f}% relative RMS "
+                         f"at most (mean {100 * sum(drift) / len(drift):.2f}%), stored at 8.5 bits per weight")
         counts["float weights dropped"] = drop_unused_weights(gm, signature, state_dict, constants)
         changed = counts["linear layers quantized"] > 0
         return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
+
+    def _int8_blocks(self, gm, signature, state_dict, node, name, state, bias) -> tuple[torch.fx.Node, float]:
+        """NF4 re-expressed for MatMulNBits 8-bit: code round(127 * nf4[c]) + 128, scale absmax / 127 per
+        block along K. Returns the new node and the relative RMS difference from the NF4 weight."""
+        n, k = state["shape"]
+        block = self.config.block
+        packed = state["packed"].reshape(-1)
+        codes = torch.stack([packed >> 4, packed & 0xF], 1).reshape(-1)[: n * k].long()
+        q8 = (torch.round(NF4_CODE[codes] * 127) + 128).to(torch.uint8).reshape(n, k // block, block)
+        scales = (dequantize_absmax(state).float() / 127).reshape(n, k // block)
+        from effc.int4 import dequantize
+
+        nf4_w = dequantize_nf4(state)
+        diff = float((dequantize(q8, scales, None, k, block, 8) - nf4_w).norm() / nf4_w.norm().clamp(min=1e-30))
+        args = [add_parameter(gm, signature, state_dict, f"{name}.weight_int8_blocks", q8.contiguous()),
+                add_parameter(gm, signature, state_dict, f"{name}.weight_scales", scales.contiguous()), None]
+        with gm.graph.inserting_before(node):
+            new = call(gm.graph, torch.ops.effc.nbits_linear.default, (node.args[0], *args, bias, k, block, 8, False))
+        return new, diff

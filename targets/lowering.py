@@ -156,13 +156,14 @@ def nf4_linear_portable(x, packed, absmax, absmax2, offset, bias, out_features: 
     return y if bias is None else op.Add(y, bias)
 
 
-def int4_linear_ort(x, packed, scales, zero_points, bias, in_features: int, block: int, int8_activations: bool):
-    """MatMulNBits, 4 bits, the layout effc.int4 stores: float activations (accuracy_level 0), or int8
+def nbits_linear_ort(x, packed, scales, zero_points, bias, in_features: int, block: int, bits: int,
+                     int8_activations: bool):
+    """MatMulNBits with the layout effc.int4 stores: float activations (accuracy_level 0), or int8
     activations per block (accuracy_level 4), as the reference op says."""
     n, groups = scales.shape
     flat = op.Constant(value_ints=[-1])
     zp = None if zero_points is None else op.Reshape(zero_points, flat)
-    return msft.MatMulNBits(x, packed, op.Reshape(scales, flat), zp, None, bias, K=in_features, N=n, bits=4,
+    return msft.MatMulNBits(x, packed, op.Reshape(scales, flat), zp, None, bias, K=in_features, N=n, bits=bits,
                             block_size=block, accuracy_level=4 if int8_activations else 0)
 
 
@@ -182,19 +183,25 @@ def _fake_quantize_blocks(x, k: int, block: int):
     return op.Slice(xq, op.Constant(value_ints=[0]), op.Constant(value_ints=[k]), op.Constant(value_ints=[-1]))
 
 
-def int4_linear_portable(x, packed, scales, zero_points, bias, in_features: int, block: int, int8_activations: bool):
-    """Standard ops: unpack the nibbles (even k low), subtract the zero point, scale, MatMul (with the
-    activations fake-quantized per block when int8_activations)."""
+def nbits_linear_portable(x, packed, scales, zero_points, bias, in_features: int, block: int, bits: int,
+                          int8_activations: bool):
+    """Standard ops: unpack the codes (4 bits: even k in the low nibble), subtract the zero point, scale,
+    MatMul (with the activations fake-quantized per block when int8_activations)."""
     if int8_activations:
         x = _fake_quantize_blocks(x, in_features, block)
     n, groups = scales.shape
     u8 = onnx.TensorProto.UINT8
-    lo = op.BitwiseAnd(packed, op.Constant(value=onnx.helper.make_tensor("low", u8, [], [15])))
-    hi = op.BitShift(packed, op.Constant(value=onnx.helper.make_tensor("four", u8, [], [4])), direction="RIGHT")
-    codes = op.Reshape(op.Concat(op.Unsqueeze(lo, [-1]), op.Unsqueeze(hi, [-1]), axis=-1),
-                       op.Constant(value_ints=[n, groups, block]))
+    if bits == 8:
+        codes = packed
+    else:
+        lo = op.BitwiseAnd(packed, op.Constant(value=onnx.helper.make_tensor("low", u8, [], [15])))
+        hi = op.BitShift(packed, op.Constant(value=onnx.helper.make_tensor("four", u8, [], [4])), direction="RIGHT")
+        codes = op.Reshape(op.Concat(op.Unsqueeze(lo, [-1]), op.Unsqueeze(hi, [-1]), axis=-1),
+                           op.Constant(value_ints=[n, groups, block]))
     if zero_points is None:
-        zero = op.Constant(value_float=8.0)
+        zero = op.Constant(value_float=float(2 ** (bits - 1)))
+    elif bits == 8:
+        zero = op.Unsqueeze(op.Cast(zero_points, to=onnx.TensorProto.FLOAT), [-1])
     else:
         zlo = op.BitwiseAnd(zero_points, op.Constant(value=onnx.helper.make_tensor("zlow", u8, [], [15])))
         zhi = op.BitShift(zero_points, op.Constant(value=onnx.helper.make_tensor("zfour", u8, [], [4])),
@@ -224,11 +231,11 @@ ORT = {torch.ops.aten.scaled_dot_product_attention.default: sdpa_to_multihead_at
        ops.int8_linear_weight_only.default: int8_linear_weight_only_ort,
        ops.int8_embedding.default: int8_embedding,
        ops.nf4_linear.default: nf4_linear_ort,
-       ops.int4_linear.default: int4_linear_ort}
+       ops.nbits_linear.default: nbits_linear_ort}
 PORTABLE = {ops.int8_linear_dynamic.default: int8_linear_dynamic_qdq,
             ops.int8_linear_per_token.default: int8_linear_per_token_qdq,
             ops.int8_linear_static.default: int8_linear_static_qdq,
             ops.int8_linear_weight_only.default: int8_linear_weight_only_qdq,
             ops.int8_embedding.default: int8_embedding,
             ops.nf4_linear.default: nf4_linear_portable,
-            ops.int4_linear.default: int4_linear_portable}
+            ops.nbits_linear.default: nbits_linear_portable}

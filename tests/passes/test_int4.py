@@ -110,7 +110,7 @@ def test_int8_activations_reference_matches_matmulnbits_level_4():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
     x = torch.randn(6, k) * torch.tensor([0.01, 1, 10, 3, 0.5, 100])[:, None]
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    want = torch.ops.effc.int4_linear(x, packed, scales, None, None, k, 32, True).numpy()
+    want = torch.ops.effc.nbits_linear(x, packed, scales, None, None, k, 32, 4, True).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
