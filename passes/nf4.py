@@ -27,8 +27,9 @@ class Nf4Config(PassConfig):
     exclude: tuple[str, ...] = ()  # globs of module names kept in float
     lm_head: bool = False  # quantize the output projection (lm_head) too
     # exact: NF4 as stored (ONNX Runtime's MatMulBnb4 on ort: exact, slower than fp32 on CPU).
-    # int8_blocks: each NF4 block re-expressed as 8-bit codes round(127 * nf4) with scale absmax / 127,
-    # which MatMulNBits runs fast; the weights then differ from NF4 by a little (reported), at 8.5 bits.
+    # int8_blocks: each NF4 block re-expressed as 8-bit codes round(127 * nf4) with scale absmax / 127, run
+    # by MatMulNBits with int8 activations (its fast path); the weights then differ from NF4 by a little
+    # (reported) and activations are rounded per block, at 8.5 bits per weight.
     kernel: Literal["exact", "int8_blocks"] = "exact"
 
     def __post_init__(self):
@@ -115,5 +116,7 @@ class Nf4(Pass[Nf4Config]):
         args = [add_parameter(gm, signature, state_dict, f"{name}.weight_int8_blocks", q8.contiguous()),
                 add_parameter(gm, signature, state_dict, f"{name}.weight_scales", scales.contiguous()), None]
         with gm.graph.inserting_before(node):
-            new = call(gm.graph, torch.ops.effc.nbits_linear.default, (node.args[0], *args, bias, k, block, 8, False))
+            # int8 activations too: MatMulNBits' 8-bit kernel with float activations ran 7.5x slower than
+            # fp32 on a Llama decode step here; with int8 activations it is the fast path (REFERENCE.md).
+            new = call(gm.graph, torch.ops.effc.nbits_linear.default, (node.args[0], *args, bias, k, block, 8, True))
         return new, diff

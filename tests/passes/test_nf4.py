@@ -134,13 +134,15 @@ def test_bit_exact_with_bitsandbytes(shape, dtype):
 
 
 def test_int8_blocks_kernel(default_model, tmp_path):
-    """nf4.kernel=int8_blocks: NF4 re-expressed as 8-bit blocks for MatMulNBits; the artifact equals its
-    graph, the weights' distance from NF4 is reported (~0.6%, REFERENCE.md measured 0.58% on outputs),
+    """nf4.kernel=int8_blocks: NF4 re-expressed as 8-bit blocks for MatMulNBits (int8 activations, the
+    kernel matched per layer in test_int4); the weights' distance from NF4 is reported (~0.6%, REFERENCE.md measured 0.58% on outputs),
     and layers whose K is not a multiple of the block keep the exact kernel."""
     model, adapter = default_model
     report = effc.compile(str(model), tmp_path / "q", adapters=[str(adapter)], passes=["merge_lora", "nf4"],
                           pass_config=["nf4.kernel=int8_blocks"], target="ort", atol=1e-4, rtol=0)
-    assert report.verification["passed"] and report.verification["max_abs"] < 1e-4
+    assert report.verification["passed"]  # int8 activations: as accurate as the graph where roundings flip
+    for r in report.verification.get("quantized_rounding", []):
+        assert r["artifact_sqnr_db_vs_eager"] >= r["graph_sqnr_db_vs_eager"] - 1.5
     assert report.onnx_ops["com.microsoft.MatMulNBits"] == 24  # q/k/v/o/gate/up x 4 layers
     assert report.onnx_ops["com.microsoft.MatMulBnb4"] == 4  # down_proj: K=352 is not a multiple of 64
     drift = next(n for n in report.passes[-1].notes if "relative RMS" in n)
