@@ -47,6 +47,17 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
 
 
+def embedding_cosine(model_dir: Path, eager, run, texts: list[str], batch: int = 8) -> float:
+    """Mean cosine of mean-pooled embeddings: `run(feeds) -> last_hidden_state` against the eager model."""
+    cos = []
+    for i in range(0, len(texts), batch):
+        feeds = tokenize(model_dir, texts[i:i + batch], None)
+        with torch.no_grad():
+            ref = eager(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+        cos.append(cosine(mean_pool(ref, feeds["attention_mask"]), mean_pool(run(feeds), feeds["attention_mask"])))
+    return float(np.mean(cos))
+
+
 PLAIN = "fp32 plain torch.onnx.export, ORT defaults"
 
 

