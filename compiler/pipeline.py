@@ -217,15 +217,7 @@ def compile(  # noqa: A001 - the product's verb
             (f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in model_proto.graph.node
         ).most_common())
         io_in, io_out = _io_metadata(model_proto)
-        values = {o for n in model_proto.graph.node for o in n.output} | {i.name for i in model_proto.graph.input}
-        layer_probes = {}
-        for name, p in built.probes.items():
-            if p["output"] in values:
-                # The scope's entry may be a quantized copy shared with a sibling, or renamed by the target's
-                # optimizer: the float activation the layer's matmul reads is found by walking back from its output.
-                found = p["input"] and (onnx_export.activation_input(model_proto, p["output"])
-                                        or (p["input"] if p["input"] in values else None))
-                layer_probes[name] = {"input": found or None, "output": p["output"]}
+        layer_probes = onnx_export.final_probes(model_proto, built.probes)
         manifest = {
             "effc_version": effc.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

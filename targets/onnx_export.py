@@ -164,6 +164,19 @@ def activation_input(model: onnx.ModelProto, output: str) -> str | None:
     return value
 
 
+def final_probes(model: onnx.ModelProto, probes: dict[str, dict]) -> dict[str, dict[str, str | None]]:
+    """The layer probes that survive in the saved model (a target's optimizer may fuse or rename values).
+    A layer's scope entry may be a quantized copy shared with a sibling, or gone: its float input is
+    found by walking back from its output (activation_input)."""
+    values = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    out = {}
+    for name, p in probes.items():
+        if p["output"] in values:
+            found = p["input"] and (activation_input(model, p["output"]) or (p["input"] if p["input"] in values else None))
+            out[name] = {"input": found or None, "output": p["output"]}
+    return out
+
+
 # Kept: which module / fx node each ONNX node came from (the layer-wise debugger maps by these).
 # Dropped: stack traces and class lists, which hold build-machine paths and grow the file ~70%.
 _DEBUG_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy")
