@@ -66,24 +66,13 @@ class Nf4(Pass[Nf4Config]):
             stored_bits += storage_bits_per_param(state) * w.numel()
             params += w.numel()
             bias = node.args[2] if len(node.args) > 2 else None
-            if self.config.kernel == "int8_blocks" and w.shape[1] % self.config.block:
-                exact_fallback.append(name)  # its NF4 blocks straddle rows: MatMulNBits cannot hold them
-            elif self.config.kernel == "int8_blocks":
+            if self.config.kernel == "int8_blocks" and w.shape[1] % self.config.block == 0:
                 new, diff = self._int8_blocks(gm, signature, state_dict, node, name, state, bias)
                 drift.append(diff)
-                replace(gm, node, new)
-                counts["linear layers quantized"] += 1
-                continue
-            tensors = [add_parameter(gm, signature, state_dict, f"{name}.weight_nf4", state["packed"])]
-            if self.config.double_quant:
-                tensors += [add_parameter(gm, signature, state_dict, f"{name}.absmax_codes", state["absmax_codes"]),
-                            add_parameter(gm, signature, state_dict, f"{name}.absmax2", state["absmax2"]),
-                            add_parameter(gm, signature, state_dict, f"{name}.absmax_offset", state["offset"].reshape(1))]
             else:
-                tensors += [add_parameter(gm, signature, state_dict, f"{name}.absmax", state["absmax"]), None, None]
-            with gm.graph.inserting_before(node):
-                new = call(gm.graph, torch.ops.effc.nf4_linear.default,
-                           (node.args[0], *tensors, bias, w.shape[0], w.shape[1], self.config.block, 256))
+                if self.config.kernel == "int8_blocks":
+                    exact_fallback.append(name)  # its NF4 blocks straddle rows: MatMulNBits cannot hold them
+                new = self._exact(gm, signature, state_dict, node, name, state, bias)
             replace(gm, node, new)
             counts["linear layers quantized"] += 1
         if params:
@@ -99,6 +88,20 @@ class Nf4(Pass[Nf4Config]):
         counts["float weights dropped"] = drop_unused_weights(gm, signature, state_dict, constants)
         changed = counts["linear layers quantized"] > 0
         return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
+
+    def _exact(self, gm, signature, state_dict, node, name, state, bias) -> torch.fx.Node:
+        """effc::nf4_linear over the stored NF4 codes and (double-quantized) block absmax."""
+        tensors = [add_parameter(gm, signature, state_dict, f"{name}.weight_nf4", state["packed"])]
+        if self.config.double_quant:
+            tensors += [add_parameter(gm, signature, state_dict, f"{name}.absmax_codes", state["absmax_codes"]),
+                        add_parameter(gm, signature, state_dict, f"{name}.absmax2", state["absmax2"]),
+                        add_parameter(gm, signature, state_dict, f"{name}.absmax_offset", state["offset"].reshape(1))]
+        else:
+            tensors += [add_parameter(gm, signature, state_dict, f"{name}.absmax", state["absmax"]), None, None]
+        n, k = state["shape"]
+        with gm.graph.inserting_before(node):
+            return call(gm.graph, torch.ops.effc.nf4_linear.default,
+                        (node.args[0], *tensors, bias, n, k, self.config.block, state["dq_block"]))
 
     def _int8_blocks(self, gm, signature, state_dict, node, name, state, bias) -> tuple[torch.fx.Node, float]:
         """NF4 re-expressed for MatMulNBits 8-bit: code round(127 * nf4[c]) + 128, scale absmax / 127 per
