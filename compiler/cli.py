@@ -47,7 +47,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--adapter", "adapters", multiple=True, help="PEFT adapter directory to apply on the base (repeatable).")
 @click.option("--passes", "passes", multiple=True, help="Comma-separated passes, in order (see `effc passes`).")
 @click.option("--pass-config", "pass_config", multiple=True, help="pass.key=value (repeatable).")
-@click.option("--target", default="ort", show_default=True, help="onnx (portable) or ort (ONNX Runtime).")
+@click.option("--target", default="ort", show_default=True, help="onnx (portable), ort (ONNX Runtime) or torch (AOTInductor + effc kernels).")
 @click.option("--input-shapes", help="Example input shapes, e.g. input_ids:1x128,attention_mask:1x128.")
 @click.option("--atol", default=1e-4, show_default=True, help="Verification tolerance (absolute).")
 @click.option("--rtol", default=1e-3, show_default=True, help="Verification tolerance (relative).")
@@ -105,7 +105,7 @@ def inspect(artifact, as_json):
     for name in manifest["files"]:
         click.echo(f"  {name:<22} {(artifact / name).stat().st_size / 1e6:>10.3f} MB")
     if report:
-        ops = report.get("onnx_ops", {})
+        ops = report.get("ops", {})
         click.echo(f"operators: {sum(ops.values())} nodes: " + ", ".join(f"{k} {v}" for k, v in ops.items()))
         from effc.report import bits_per_parameter
 

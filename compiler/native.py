@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from effc.errors import EffcError
+from effc.runtime.torch_program import registered
 
 SOURCES = [Path(__file__).parent / "csrc" / "nf4_linear.cpp"]
 # -ffp-contract=off: decoding a double-quantized absmax is a multiply then an add, rounded twice, as in
@@ -61,7 +62,9 @@ def load(log=None) -> Path:
     global _loaded
     if _loaded is None:
         path = library_path(log)
-        torch.ops.load_library(str(path))
+        # Loading a second copy (e.g. an artifact's, opened first) would register the ops again and abort.
+        if not registered("effc_native::nf4_linear"):
+            torch.ops.load_library(str(path))
         torch.library.register_fake("effc_native::nf4_linear")(_nf4_linear_fake)
         _loaded = path
     return _loaded

@@ -8,11 +8,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-import onnx
 import torch
 
 import effc
@@ -27,7 +25,6 @@ from effc.passes.registry import resolve
 from effc.report import CompileReport, PassRecord
 from effc.runtime.compare import Tolerance, compare
 from effc.runtime.manifest import REPORT, write_manifest
-from effc.targets import onnx_export
 from effc.targets.base import get_target
 
 
@@ -46,20 +43,6 @@ def _verification_inputs(example: dict[str, torch.Tensor], config) -> list[dict[
         shape = (batch + 1, min(limit, 2 * seq + 3))
         sets.append(inputs_mod.make_text_inputs(list(example), config, shape, seed=1, pad="attention_mask" in example))
     return sets
-
-
-def _io_metadata(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
-    """User inputs and outputs; inputs backed by an initializer (switchable weights) are not user inputs."""
-    def describe(values):
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
-            shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-            out.append({"name": v.name, "dtype": dtype, "shape": shape})
-        return out
-    inits = {t.name for t in model.graph.initializer}
-    return describe([i for i in model.graph.input if i.name not in inits]), describe(model.graph.output)
 
 
 def _write_weight_sets(root: Path, sets: dict[str, dict]) -> dict | None:
@@ -212,12 +195,7 @@ def compile(  # noqa: A001 - the product's verb
         if calibration_doc is not None:
             calibration.write(tmp / "calibration.json", calibration_doc)
         done(f"build {target}")
-        model_proto = onnx.load(str(tmp / built.model_file), load_external_data=False)
-        report.onnx_ops = dict(Counter(
-            (f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in model_proto.graph.node
-        ).most_common())
-        io_in, io_out = _io_metadata(model_proto)
-        layer_probes = onnx_export.final_probes(model_proto, built.probes)
+        report.ops = built.ops
         manifest = {
             "effc_version": effc.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -225,12 +203,12 @@ def compile(  # noqa: A001 - the product's verb
             "passes": [{"name": p.name, "config": p.config.to_dict()} for p in pipeline],
             "target": {"name": target, **built.info},
             "model_file": built.model_file,
-            "inputs": io_in,
-            "outputs": io_out,
+            "inputs": built.inputs,
+            "outputs": built.outputs,
         }
         if weight_sets:
             manifest["adapters"] = weight_sets
-        manifest["probes"] = layer_probes  # layer -> the artifact's values at its input and output (effc debug)
+        manifest["probes"] = built.probes  # layer -> the artifact's values at its input and output (effc debug)
         write_manifest(tmp, manifest)  # provisional, so the runtime can open it for verification
 
         if verify:

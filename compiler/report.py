@@ -30,7 +30,7 @@ class CompileReport:
     param_bytes_captured: int = 0
     params_captured: int = 0  # weight elements: bits per parameter = 8 * bytes / params
     artifact_bytes: int = 0
-    onnx_ops: dict[str, int] = field(default_factory=dict)
+    ops: dict[str, int] = field(default_factory=dict)  # operator -> count in the artifact
     verification: dict | None = None
     accuracy_vs_eager: dict | None = None  # set when a pass changes the numbers on purpose
     total_seconds: float = 0.0

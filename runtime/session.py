@@ -1,4 +1,5 @@
-"""Run an effc artifact: validate inputs against its metadata, then execute it on ONNX Runtime."""
+"""Run an effc artifact: validate inputs against its metadata, then execute it on ONNX Runtime (or, for
+`torch` target artifacts, on PyTorch: runtime/torch_program.py)."""
 
 from __future__ import annotations
 
@@ -37,12 +38,28 @@ class Session:
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
                  verify_hashes: bool = True, taps: list[str] | tuple[str, ...] = ()):
-        import onnxruntime as ort
-
         self.path = Path(path)
         self.manifest = read_manifest(self.path, verify=verify_hashes)
         self.inputs = [TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in self.manifest["inputs"]]
         self.outputs = [TensorInfo(o["name"], o["dtype"], tuple(o["shape"])) for o in self.manifest["outputs"]]
+        self.providers = providers or []
+        self._adapters = self.manifest.get("adapters") or {}
+        self._weight_sets: dict[str, dict[str, np.ndarray]] = {}
+        self.adapter = self._adapters.get("default")
+        self.taps = list(taps)
+        if self.manifest["target"]["name"] == "torch":
+            if taps:
+                raise EffcError(f"{self.path} is a torch artifact; the layer-wise debugger reads ONNX artifacts "
+                                "(compile with --target ort or onnx)")
+            from effc.runtime.torch_program import TorchProgram
+
+            self._session = TorchProgram(self.path, self.manifest, threads)
+        else:
+            self._session = self._open_ort(threads)
+
+    def _open_ort(self, threads: int | None):
+        import onnxruntime as ort
+
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # switchable adapters are overridable initializers by design
         if threads:
@@ -56,15 +73,11 @@ class Session:
         if self.manifest["target"]["name"] == "ort":
             # The graph was optimized at build time; doing it again only costs start-up.
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.providers = providers or available_providers()
-        self._adapters = self.manifest.get("adapters") or {}
-        self._weight_sets: dict[str, dict[str, np.ndarray]] = {}
-        self.adapter = self._adapters.get("default")
+        self.providers = self.providers or available_providers()
         model = self.path / self.manifest["model_file"]
-        self.taps = list(taps)
         try:
-            self._session = ort.InferenceSession(self._with_taps(model) if taps else str(model), sess_options=opts,
-                                                 providers=self.providers)
+            return ort.InferenceSession(self._with_taps(model) if self.taps else str(model), sess_options=opts,
+                                        providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise EffcError(f"onnxruntime could not load {model}: {str(e).splitlines()[0]}") from None
 

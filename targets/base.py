@@ -18,6 +18,9 @@ class BuildResult:
     files: list[str]
     info: dict = field(default_factory=dict)  # opset, providers, optimization level...
     probes: dict = field(default_factory=dict)  # layer -> ONNX values at its input/output (effc debug)
+    inputs: list[dict] = field(default_factory=list)  # user inputs: name, dtype (numpy), shape (dim names)
+    outputs: list[dict] = field(default_factory=list)
+    ops: dict[str, int] = field(default_factory=dict)  # operator -> count in the artifact's graph
 
 
 class Target:
@@ -49,6 +52,7 @@ def layers(program: torch.export.ExportedProgram) -> dict[str, str | None]:
 TARGETS: dict[str, str] = {
     "onnx": "effc.targets.onnx:OnnxTarget",
     "ort": "effc.targets.ort:OrtTarget",
+    "torch": "effc.targets.pt2:TorchTarget",
 }
 
 

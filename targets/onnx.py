@@ -6,7 +6,7 @@ from pathlib import Path
 
 from effc.errors import EffcError
 from effc.targets import onnx_export
-from effc.targets.base import BuildResult, Target, layers
+from effc.targets.base import Target
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -29,5 +29,4 @@ class OnnxTarget(Target):
             raise EffcError(f"the graph uses operators outside the standard ONNX opset ({', '.join(custom)}); "
                             "use --target ort, or drop the pass that introduced them")
         files = onnx_export.save(model, out_dir / "model.onnx")
-        return BuildResult("model.onnx", files, {"opset": onnx_export.OPSET},
-                           onnx_export.layer_values(model, layers(program)))
+        return onnx_export.result(out_dir, files, {"opset": onnx_export.OPSET}, model, program)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections import Counter
 from pathlib import Path
 
 import onnx
 import torch
 
 from effc.errors import EffcError
+from effc.targets.base import BuildResult, layers
 
 OPSET = 20  # opset 23's RotaryEmbedding was rejected by ORT 1.31 for Llama (REFERENCE.md)
 TWO_GB = 2 * 1024**3
@@ -162,6 +164,30 @@ def activation_input(model: onnx.ModelProto, output: str) -> str | None:
             break  # a product of two activations is not a quantization step
         value = step.input[0]
     return value
+
+
+def result(out_dir: Path, files: list[str], info: dict, exported: onnx.ModelProto, program) -> BuildResult:
+    """The BuildResult of the model.onnx saved in out_dir (after any optimizer of the target's): its
+    operators, user inputs and outputs, and the layer probes of `exported` that survive in it."""
+    saved = onnx.load(str(out_dir / "model.onnx"), load_external_data=False)
+    ops = Counter((f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in saved.graph.node)
+    inputs, outputs = _io_metadata(saved)
+    return BuildResult("model.onnx", files, info, final_probes(saved, layer_values(exported, layers(program))),
+                       inputs, outputs, dict(ops.most_common()))
+
+
+def _io_metadata(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    """User inputs and outputs; inputs backed by an initializer (switchable weights) are not user inputs."""
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+            shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": dtype, "shape": shape})
+        return out
+    inits = {t.name for t in model.graph.initializer}
+    return describe([i for i in model.graph.input if i.name not in inits]), describe(model.graph.output)
 
 
 def final_probes(model: onnx.ModelProto, probes: dict[str, dict]) -> dict[str, dict[str, str | None]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from effc.runtime.session import available_providers
 from effc.targets import onnx_export
-from effc.targets.base import BuildResult, Target, layers
+from effc.targets.base import Target
 
 # EXTENDED, not ALL: ALL adds layout transforms specific to this machine's CPU (NCHWc), which ORT's
 # docs say not to save for use on other machines.
@@ -50,8 +50,8 @@ class OrtTarget(Target):
                 opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
                 files.append(data)
             ort.InferenceSession(str(raw), sess_options=opts, providers=providers, disabled_optimizers=disabled)
-        return BuildResult("model.onnx", files, {
+        return onnx_export.result(out_dir, files, {
             "opset": onnx_export.OPSET, "optimization_level": OPTIMIZATION_LEVEL, "providers": providers,
             "disabled_fusions": disabled,
             "onnxruntime": ort.__version__,
-        }, onnx_export.layer_values(model, layers(program)))
+        }, model, program)

@@ -20,6 +20,8 @@ def test_wheel_contains_every_module(tmp_path):
     for package, folder in SOURCE_DIRS.items():
         for source in (ROOT / folder).glob("*.py"):
             assert f"{package}/{source.name}" in names, f"{package}/{source.name} missing from the wheel"
+    for source in (ROOT / "compiler" / "csrc").glob("*.cpp"):
+        assert f"effc/csrc/{source.name}" in names, f"C++ source {source.name} missing from the wheel"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "effc = effc.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -85,9 +85,9 @@ def test_merge_then_int4_matches_the_graph(target, config, default_model, tmp_pa
         assert report.verification["max_abs"] < 1e-4 and "quantized_rounding" not in report.verification
     assert report.passes[-1].counts["linear layers quantized"] == 28
     if target == "ort":
-        assert report.onnx_ops["com.microsoft.MatMulNBits"] == 28
+        assert report.ops["com.microsoft.MatMulNBits"] == 28
     else:
-        assert not any(k.startswith("com.microsoft") for k in report.onnx_ops)
+        assert not any(k.startswith("com.microsoft") for k in report.ops)
 
 
 def test_int8_activations_reference_matches_matmulnbits_level_4():

@@ -95,7 +95,7 @@ def test_artifact_reproduces_the_reference_op(target, default_model, tmp_path):
         assert r["artifact_sqnr_db_vs_eager"] >= r["graph_sqnr_db_vs_eager"] - 1.5
     acc = report.accuracy_vs_eager["outputs"][0]
     assert acc["cosine"] > 0.999 and acc["sqnr_db"] > 25
-    ops = report.onnx_ops
+    ops = report.ops
     if target == "ort":
         assert ops.get("com.microsoft.DynamicQuantizeMatMul") == 29
     else:
@@ -285,5 +285,5 @@ def test_static_ort_uses_integer_gemm(default_model, calib_npz, tmp_path):
     report = effc.compile(str(model), tmp_path / "q", adapters=[str(adapter)], passes=["merge_lora", "int8"],
                           pass_config=["int8.mode=static"], calib_data=str(calib_npz), target="ort")
     assert report.verification["passed"]
-    assert report.onnx_ops["com.microsoft.MatMulIntegerToFloat"] == 29
+    assert report.ops["com.microsoft.MatMulIntegerToFloat"] == 29
     assert report.accuracy_vs_eager["outputs"][0]["cosine"] > 0.99

@@ -75,9 +75,9 @@ def test_lowering_reproduces_reference_op(target, config, tmp_path, monkeypatch)
     assert report.verification["passed"] and "quantized_rounding" not in report.verification, report.verification
     if target == "ort":
         want = "com.microsoft.MatMulNBits" if "weight_only" in config else "com.microsoft.MatMulIntegerToFloat"
-        assert report.onnx_ops.get(want) == 1
+        assert report.ops.get(want) == 1
     else:
-        assert not any(k.startswith("com.microsoft") for k in report.onnx_ops)
+        assert not any(k.startswith("com.microsoft") for k in report.ops)
 
 
 def test_smoothquant_factors_formula():

@@ -91,9 +91,9 @@ def test_merge_then_nf4_on_default(target, default_model, tmp_path):
     assert counts["linear layers quantized"] == 28 and counts["linear layers excluded"] == 1  # lm_head kept
     assert counts["NF4 bits per quantized weight (codes + double-quantized scales)"] <= 4.2
     if target == "ort":
-        assert report.onnx_ops["com.microsoft.MatMulBnb4"] == 28
+        assert report.ops["com.microsoft.MatMulBnb4"] == 28
     else:
-        assert not any(k.startswith("com.microsoft") for k in report.onnx_ops)
+        assert not any(k.startswith("com.microsoft") for k in report.ops)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -143,7 +143,7 @@ def test_int8_blocks_kernel(default_model, tmp_path):
     assert report.verification["passed"]  # int8 activations: as accurate as the graph where roundings flip
     for r in report.verification.get("quantized_rounding", []):
         assert r["artifact_sqnr_db_vs_eager"] >= r["graph_sqnr_db_vs_eager"] - 1.5
-    assert report.onnx_ops["com.microsoft.MatMulNBits"] == 24  # q/k/v/o/gate/up x 4 layers
-    assert report.onnx_ops["com.microsoft.MatMulBnb4"] == 4  # down_proj: K=352 is not a multiple of 64
+    assert report.ops["com.microsoft.MatMulNBits"] == 24  # q/k/v/o/gate/up x 4 layers
+    assert report.ops["com.microsoft.MatMulBnb4"] == 4  # down_proj: K=352 is not a multiple of 64
     drift = next(n for n in report.passes[-1].notes if "relative RMS" in n)
     assert 0.3 < float(drift.split("by ")[1].split("%")[0]) < 1.0

@@ -1,0 +1,57 @@
+"""The backend for `torch` target artifacts: effc's op library, then the AOTInductor package (or the
+saved ExportedProgram). Only this module of the runtime imports torch, and only when such an artifact
+is opened."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from effc.errors import EffcError
+
+
+class TorchProgram:
+    def __init__(self, root: Path, manifest: dict, threads: int | None = None):
+        try:
+            import torch
+        except ImportError:
+            raise EffcError(f"{root} is a torch artifact: install torch=={manifest['target']['torch']} to run it") from None
+        info = manifest["target"]
+        if info["torch"] != torch.__version__:
+            # The op library and the AOTInductor package are built against one torch ABI.
+            raise EffcError(f"{root} was built with torch {info['torch']}, this process has {torch.__version__}; "
+                            f"install torch=={info['torch']} or recompile the artifact")
+        # A second copy of the library would register its ops again, which aborts the process.
+        if info.get("native_library") and not registered("effc_native::nf4_linear"):
+            torch.ops.load_library(str(root / info["native_library"]))
+        if threads:
+            torch.set_num_threads(threads)
+        model = str(root / manifest["model_file"])
+        try:
+            if info["format"] == "aoti":
+                self._call = torch._inductor.aoti_load_package(model)
+            else:
+                self._call = torch.export.load(model).module()
+        except Exception as e:  # torch raises many types here
+            raise EffcError(f"torch could not load {model}: {str(e).strip().splitlines()[0]}") from None
+        self._torch = torch
+        self._inputs = [i["name"] for i in manifest["inputs"]]
+        self._outputs = [o["name"] for o in manifest["outputs"]]
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            outs = self._call(**{n: torch.as_tensor(np.ascontiguousarray(feeds[n])) for n in self._inputs})
+        values = dict(zip(self._outputs, outs))
+        return [values[n].numpy() for n in names]
+
+
+def registered(op: str) -> bool:
+    """Whether this process already has a CPU kernel for `op` (e.g. "effc_native::nf4_linear")."""
+    import torch
+
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
+    except RuntimeError:  # no such operator
+        return False
