@@ -2,9 +2,11 @@
 
 1. One linear layer, M=1 (decode) and M=128 (prefill), K=N=4096 and K=768,N=3072: fp32 MatMul against
    effc's int4 lowering (MatMulNBits, float activations), its accuracy_level 4 variant (int8
-   activations) and NF4 on MatMulBnb4 (the exact NF4 kernel ONNX Runtime has).
+   activations), NF4 on MatMulBnb4 (the exact NF4 kernel ONNX Runtime has) and effc's own exact NF4
+   kernel (effc_native::nf4_linear, called from PyTorch), with PyTorch's fp32 matmul beside it.
 2. A whole random-weight Llama (8 layers, hidden 1024) run on one token (batch 1 x 1, no KV cache: the
-   decode-shaped forward): fp32 vs int4 (float or int8 activations) and nf4 `ort` artifacts.
+   decode-shaped forward): fp32 vs int4 (float or int8 activations) and nf4 `ort` artifacts, and fp32
+   vs nf4 `torch` artifacts (AOTInductor + effc's kernel).
 
     .venv/bin/python benchmarks/quant4_decode.py [--iters 200]
 """
@@ -25,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import effc  # noqa: E402
+from effc import native  # noqa: E402
 from effc.int4 import pack, rtn  # noqa: E402
 from effc.nf4 import dequantize_absmax, quantize_nf4  # noqa: E402
 from effc.runtime import open as open_artifact  # noqa: E402
@@ -61,6 +64,19 @@ def layer_candidates(k: int, n: int) -> dict[str, onnx.ModelProto]:
     return out
 
 
+def torch_candidates(k: int, n: int) -> dict:
+    """Callables on {"x": array}: PyTorch's fp32 x @ W^T and effc's native NF4 kernel on the same W."""
+    native.load()
+    torch.manual_seed(0)
+    w = torch.randn(n, k) * 0.02
+    wt = w.t().contiguous()
+    s = quantize_nf4(w)
+    args = (s["packed"], s["absmax_codes"], s["absmax2"], s["offset"].reshape(1), None, n, k, 64, 256)
+    op = torch.ops.effc_native.nf4_linear
+    return {"fp32 torch.mm (PyTorch)": lambda f: torch.mm(torch.from_numpy(f["x"]), wt),
+            "nf4 effc_native::nf4_linear block 64 (exact)": lambda f: op(torch.from_numpy(f["x"]), *args)}
+
+
 def timed(runs: dict, feeds_for, iters: int) -> dict[str, float]:
     for name, run in runs.items():
         for _ in range(5):
@@ -79,22 +95,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=200)
     a = ap.parse_args()
+    torch.set_num_threads(2)  # as ONNX Runtime's sessions
     print("## One linear layer (median ms, ratio to fp32 in the same run)\n")
     print("| variant | " + " | ".join(f"M={m}, {k}x{n}" for k, n in ((4096, 4096), (768, 3072)) for m in (1, 128)) + " |")
     print("|---|---|---|---|---|")
     rows: dict[str, list[str]] = {}
     for k, n in ((4096, 4096), (768, 3072)):
-        sessions = {name: session(m) for name, m in layer_candidates(k, n).items()}
+        runs = {name: (lambda feeds, s=session(m): s.run(None, feeds)) for name, m in layer_candidates(k, n).items()}
+        runs.update(torch_candidates(k, n))
         for m in (1, 128):
             x = np.random.default_rng(0).standard_normal((m, k)).astype(np.float32)
-            res = timed({name: (lambda feeds, s=s: s.run(None, feeds)) for name, s in sessions.items()},
-                        lambda _name: {"x": x}, a.iters if m == 1 else max(20, a.iters // 10))
+            res = timed(runs, lambda _name: {"x": x}, a.iters if m == 1 else max(20, a.iters // 10))
             for name, ms in res.items():
                 rows.setdefault(name, []).append(f"{ms:.3f} ({ms / res['fp32 MatMul']:.2f})")
     for name, cells in rows.items():
         print(f"| {name} | " + " | ".join(cells) + " |")
 
-    print("\n## Random-weight Llama, 8 layers, hidden 1024, one token (batch 1 x 1), `ort` artifacts\n")
+    print("\n## Random-weight Llama, 8 layers, hidden 1024, one token (batch 1 x 1)\n")
     import transformers
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,20 +121,26 @@ def main() -> None:
                                           num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8,
                                           architectures=["LlamaForCausalLM"])
         transformers.LlamaForCausalLM(config).save_pretrained(tmp / "llama")
-        variants = {"fp32": ([], []), "int4 (rtn, block 32)": (["int4"], []),
-                    "int4 (rtn, block 32, int8 activations)": (["int4"], ["int4.int8_activations=true"]),
-                    "nf4 (MatMulBnb4)": (["nf4"], []),
-                    "nf4 re-expressed as 8-bit blocks (MatMulNBits)": (["nf4"], ["nf4.kernel=int8_blocks"])}
-        for i, (name, (passes, config)) in enumerate(variants.items()):
-            effc.compile(str(tmp / "llama"), tmp / f"v{i}", passes=passes, pass_config=config, target="ort")
+        # name -> (target, passes, pass config); each is compared with its own target's fp32 artifact
+        variants = {"ort fp32": ("ort", [], []), "ort int4 (rtn, block 32)": ("ort", ["int4"], []),
+                    "ort int4 (rtn, block 32, int8 activations)": ("ort", ["int4"], ["int4.int8_activations=true"]),
+                    "ort nf4 (MatMulBnb4)": ("ort", ["nf4"], []),
+                    "ort nf4 re-expressed as 8-bit blocks (MatMulNBits)": ("ort", ["nf4"], ["nf4.kernel=int8_blocks"]),
+                    "torch fp32 (AOTInductor)": ("torch", [], []),
+                    "torch nf4 (AOTInductor + effc_native::nf4_linear, exact)": ("torch", ["nf4"], [])}
+        for i, (name, (target, passes, config)) in enumerate(variants.items()):
+            print(f"compiling {name}...", file=sys.stderr, flush=True)
+            effc.compile(str(tmp / "llama"), tmp / f"v{i}", passes=passes, pass_config=config, target=target)
         runners = {name: open_artifact(tmp / f"v{i}", threads=2) for i, name in enumerate(variants)}
         feeds = {"input_ids": np.array([[42]], np.int64), "attention_mask": np.ones((1, 1), np.int64)}
         res = timed({name: r.run for name, r in runners.items()}, lambda _name: feeds, max(20, a.iters // 4))
         sizes = {name: sum(f.stat().st_size for f in (tmp / f"v{i}").rglob("*")) for i, name in enumerate(variants)}
-        print("| artifact | p50 ms | latency / fp32 | size MB | size / fp32 |\n|---|---|---|---|---|")
+        print("| artifact | p50 ms | latency / its target's fp32 | latency / ort fp32 | size MB | size / fp32 |\n"
+              "|---|---|---|---|---|---|")
         for name, ms in res.items():
-            print(f"| {name} | {ms:.2f} | {ms / res['fp32']:.3f} | {sizes[name] / 1e6:.1f} | "
-                  f"{sizes[name] / sizes['fp32']:.3f} |")
+            fp32 = f"{variants[name][0]} fp32" + (" (AOTInductor)" if variants[name][0] == "torch" else "")
+            print(f"| {name} | {ms:.2f} | {ms / res[fp32]:.3f} | {ms / res['ort fp32']:.3f} | {sizes[name] / 1e6:.1f} | "
+                  f"{sizes[name] / sizes[fp32]:.3f} |")
 
 
 if __name__ == "__main__":
