@@ -153,11 +153,12 @@ def compile(  # noqa: A001 - the product's verb
         dump.mkdir(parents=True, exist_ok=True)
         (dump / "00_captured.txt").write_text(str(program.graph_module.code))
     data = None
-    if calib_data:  # a few batches of it, for passes that measure accuracy as they work (int8.auto_exclude)
+    if calib_data and any(p.reads_data() for p in pipeline):
+        # For passes that read activations (GPTQ, AWQ) or measure accuracy (int8.auto_exclude) as they work.
         from effc import dataset
 
         data = list(dataset.batches(calib_data, list(example), src.spec if src.kind == "hf_dir" else None,
-                                    samples=min(calib_samples or 32, 32)))
+                                    samples=calib_samples))
     ctx = PassContext(example_inputs=example, calibration=calibration_doc, source=src, log=say, data=data)
     for i, p in enumerate(pipeline, 1):
         say(f"effc: pass {p.name} ({i}/{len(pipeline)})...")

@@ -92,7 +92,8 @@ class PassContext:
     calibration: Any = None
     source: Any = None
     log: Any = print
-    # A few batches of real inputs (from --calib-data) for passes that measure accuracy while they work.
+    # Batches of real inputs (--calib-data, up to --calib-samples samples) for passes that measure
+    # activations (GPTQ Hessians, AWQ) or accuracy (int8.auto_exclude) while they work.
     data: list[dict[str, Any]] | None = None
     # Weight sets the runtime swaps in per run (switchable adapters): set name -> parameter name -> array.
     # Their parameters become overridable ONNX initializers; the first set is the default.
@@ -122,6 +123,10 @@ class Pass(Generic[C]):
     def needs(self) -> set[Need]:
         """What this pass needs with its current config (a static pass may need calibration data)."""
         return set()
+
+    def reads_data(self) -> bool:
+        """Whether run() reads PassContext.data (calibration samples), needed or merely used when given."""
+        return Need.CALIBRATION_DATA in self.needs()
 
     def prepare(self, source: Any) -> None:
         """Called with the loaded source before capture, for passes that configure the model itself."""

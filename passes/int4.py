@@ -96,6 +96,14 @@ class Int4(Pass[Int4Config]):
         if params:
             counts["int4 bits per quantized weight (codes + scales)"] = round(bits / params, 4)
         notes = unmatched_notes("int4", c.exclude, matched)
+        if c.method == "gptq":
+            # Fewer calibration rows than input features: the Hessian is singular and GPTQ fits its
+            # error feedback to the calibration subspace (held-out error can end up above RTN's).
+            short = [f"{name} ({stats.count.get(name, 0)} rows < {w.shape[1]})" for name, w in chosen.values()
+                     if stats.count.get(name, 0) < w.shape[1]]
+            if short:
+                notes.append(f"int4.method=gptq: {len(short)} layers saw fewer calibration tokens than their input "
+                             f"features, e.g. {short[0]}; give more --calib-data / --calib-samples")
         counts["float weights dropped"] = drop_unused_weights(gm, signature, state_dict, constants)
         changed = counts["linear layers quantized"] > 0
         return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)

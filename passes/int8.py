@@ -73,6 +73,10 @@ class Int8(Pass[Int8Config]):
         calibrated = c.mode == "static" or c.outlier_threshold is not None or c.smoothquant_alpha is not None
         return {Need.CALIBRATION} if calibrated else set()
 
+    def reads_data(self) -> bool:
+        # Both search on --calib-data when given (else on the example inputs).
+        return self.config.auto_exclude is not None or self.config.smoothquant_alpha == "auto"
+
     def run(self, ep, ctx: PassContext) -> PassResult:
         score = _Scorer(ep, ctx)
         alpha, note = self.config.smoothquant_alpha, None
@@ -235,12 +239,16 @@ class Int8(Pass[Int8Config]):
 AUTO_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
+# Batches the scorer runs each candidate on: it runs many candidates (auto alpha, the exclusion search).
+SCORE_BATCHES = 4
+
+
 class _Scorer:
     """How close a quantized program's outputs are to the float program's: the lowest, over outputs and
     batches, of the mean per-position cosine. Measured on --calib-data batches, else the example inputs."""
 
     def __init__(self, ep, ctx: PassContext):
-        self.data = ctx.data or [ctx.example_inputs]
+        self.data = (ctx.data or [ctx.example_inputs])[:SCORE_BATCHES]
         self.where = "--calib-data" if ctx.data else "the example inputs (random tokens; give --calib-data for real data)"
         self._references = None
         self._float = ep
