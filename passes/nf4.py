@@ -31,11 +31,17 @@ class Nf4Config(PassConfig):
     # by MatMulNBits with int8 activations (its fast path); the weights then differ from NF4 by a little
     # (reported) and activations are rounded per block, at 8.5 bits per weight.
     kernel: Literal["exact", "int8_blocks"] = "exact"
+    # QLoRA's bnb_4bit_compute_dtype: activations are cast to it, the weight is dequantized to it and the
+    # matmul runs in it; the output is cast back. bfloat16/float16 run on --target torch.
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
             raise EffcError(f"nf4.block={self.block} is not a power of two >= 16 (bitsandbytes and ONNX Runtime's "
                             "MatMulBnb4 use 64, 128, 256...)")
+        if self.kernel == "int8_blocks" and self.compute_dtype != "float32":
+            raise EffcError("nf4.kernel=int8_blocks computes with int8 activations; nf4.compute_dtype applies to "
+                            "kernel=exact")
 
 
 class Nf4(Pass[Nf4Config]):
@@ -99,9 +105,17 @@ class Nf4(Pass[Nf4Config]):
         else:
             tensors += [add_parameter(gm, signature, state_dict, f"{name}.absmax", state["absmax"]), None, None]
         n, k = state["shape"]
+        x = node.args[0]
+        compute = getattr(torch, self.config.compute_dtype)
         with gm.graph.inserting_before(node):
-            return call(gm.graph, torch.ops.effc.nf4_linear.default,
-                        (node.args[0], *tensors, bias, n, k, self.config.block, state["dq_block"]))
+            if compute == x.meta["val"].dtype:
+                return call(gm.graph, torch.ops.effc.nf4_linear.default,
+                            (x, *tensors, bias, n, k, self.config.block, state["dq_block"]))
+            x_c = call(gm.graph, aten.to.dtype, (x, compute))
+            bias_c = None if bias is None else call(gm.graph, aten.to.dtype, (bias, compute))
+            y = call(gm.graph, torch.ops.effc.nf4_linear.default,
+                     (x_c, *tensors, bias_c, n, k, self.config.block, state["dq_block"]))
+            return call(gm.graph, aten.to.dtype, (y, x.meta["val"].dtype))
 
     def _int8_blocks(self, gm, signature, state_dict, node, name, state, bias) -> tuple[torch.fx.Node, float]:
         """NF4 re-expressed for MatMulNBits 8-bit: code round(127 * nf4[c]) + 128, scale absmax / 127 per

@@ -55,6 +55,14 @@ def export(program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor
 
     Parameters named in `overridable` stay initializers (their defaults) and are also listed as graph
     inputs, so a run can feed other values (switchable weight sets)."""
+    for node in program.graph.nodes:
+        val = node.args[0].meta.get("val") if node.op == "call_function" and node.args and \
+            isinstance(node.args[0], torch.fx.Node) else None
+        if (isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "effc"
+                and val is not None and val.dtype != torch.float32):
+            raise EffcError(f"{node.target.name()} computes in {str(val.dtype).removeprefix('torch.')} here "
+                            "(nf4.compute_dtype); the ONNX targets lower effc's ops in float32: use --target torch, "
+                            "or compute_dtype=float32")
     for name in ("torch.onnx", "torch.export", "torch._export"):
         logging.getLogger(name).setLevel(logging.ERROR)
     sink = io.StringIO()

@@ -29,6 +29,13 @@ class TorchTarget(Target):
     name = "torch"
     summary = "PyTorch AOTInductor package (.pt2) with effc's C++ kernels (exact fast NF4)"
 
+    def available(self) -> str | None:
+        # AOTInductor and effc.native both compile C++ at build time (running the artifact needs neither).
+        from torch.utils.cpp_extension import get_cxx_compiler
+
+        compiler = get_cxx_compiler()
+        return None if shutil.which(compiler) else f"no C++ compiler ({compiler}); install g++ to build torch artifacts"
+
     def build(self, program, inputs, output_names, dynamic, out_dir: Path,
               overridable: frozenset[str] = frozenset()) -> BuildResult:
         if overridable:

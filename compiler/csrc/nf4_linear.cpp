@@ -316,6 +316,34 @@ Kernels kernels_for(int isa, int64_t K, int64_t block) {
   return k;
 }
 
+// x in bfloat16/float16 (nf4.compute_dtype): as the reference op, the weight is dequantized in float32,
+// rounded to x's dtype, and multiplied in that dtype by ATen's GEMM, one decoded tile at a time.
+at::Tensor nf4_linear_half(const at::Tensor& x, const uint8_t* w, const Scales& s, const Kernels& kn,
+                           const std::optional<at::Tensor>& bias, int64_t N, int64_t K, int64_t block) {
+  at::Tensor x2 = x.reshape({-1, K});
+  if (kn.chunk) {  // the decoded tiles come in deinterleaved chunk order: reorder x's columns to match
+    std::vector<int64_t> order(K);
+    for (int64_t c = 0; c < K; c += kn.chunk)
+      for (int64_t j = 0; j < kn.chunk / 2; ++j) order[c + j] = c + 2 * j, order[c + kn.chunk / 2 + j] = c + 2 * j + 1;
+    x2 = x2.index_select(1, at::tensor(order, at::kLong));
+  }
+  x2 = x2.contiguous();
+  at::Tensor y = at::empty({x2.size(0), N}, x2.options());
+  at::Tensor tile = at::empty({std::min(kTileRows, N), K}, x2.options().dtype(at::kFloat));
+  for (int64_t t0 = 0; t0 < N; t0 += kTileRows) {
+    const int64_t t1 = std::min(N, t0 + kTileRows);
+    float* td = tile.data_ptr<float>();
+    at::parallel_for(t0, t1, 1, [&](int64_t n0, int64_t n1) {
+      kn.dequant(w, s, block, K, n0, n1, td + (n0 - t0) * K);
+    });
+    y.narrow(1, t0, t1 - t0).copy_(at::mm(x2, tile.narrow(0, 0, t1 - t0).to(x2.scalar_type()).t()));
+  }
+  if (bias.has_value()) y.add_(*bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return y.view(shape);
+}
+
 at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                       const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
                       const std::optional<at::Tensor>& bias, int64_t N, int64_t K, int64_t block,
@@ -324,6 +352,8 @@ at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == (N * K + 1) / 2,
               "nf4_linear: packed must be uint8 with (N*K+1)/2 bytes");
   TORCH_CHECK(block > 0 && dq_block > 0, "nf4_linear: block sizes must be positive");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "nf4_linear: x must be float32, bfloat16 or float16");
   const at::Tensor p = packed.contiguous();
   const at::Tensor a = absmax.contiguous();
   at::Tensor a2, off;
@@ -340,11 +370,12 @@ at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
     TORCH_CHECK(a.scalar_type() == at::kFloat, "nf4_linear: absmax must be float32");
     s.absmax = a.data_ptr<float>();
   }
-  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = x2.size(0);
-  at::Tensor y = at::empty({M, N}, x2.options());
   const Kernels kn = kernels_for(g_isa.load(), K, block);
   const uint8_t* w = p.data_ptr<uint8_t>();
+  if (x.scalar_type() != at::kFloat) return nf4_linear_half(x, w, s, kn, bias, N, K, block);
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  at::Tensor y = at::empty({M, N}, x2.options());
   const float* xs = x2.data_ptr<float>();
   at::Tensor xp = x2;
   if (kn.chunk) {
@@ -375,10 +406,10 @@ at::Tensor nf4_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
       y.narrow(1, t0, t1 - t0).copy_(at::mm(xp, tile.narrow(0, 0, t1 - t0).t()));
     }
   }
-  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  if (bias.has_value()) y.add_(*bias);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
-  return y.view(shape).to(x.scalar_type());
+  return y.view(shape);
 }
 
 // Which SIMD path runs: "" reports it; "auto" picks the best this CPU has; "scalar"/"avx2"/"avx512"
