@@ -69,20 +69,21 @@ class Nf4(Pass[Nf4Config]):
                 counts["linear layers excluded"] += name is not None
                 continue
             state = quantize_nf4(w.detach(), self.config.block, self.config.double_quant)
-            stored_bits += storage_bits_per_param(state) * w.numel()
             params += w.numel()
             bias = node.args[2] if len(node.args) > 2 else None
             if self.config.kernel == "int8_blocks" and w.shape[1] % self.config.block == 0:
                 new, diff = self._int8_blocks(gm, signature, state_dict, node, name, state, bias)
                 drift.append(diff)
+                stored_bits += (8 + 32 / self.config.block) * w.numel()  # 8-bit codes + a float scale per block
             else:
+                stored_bits += storage_bits_per_param(state) * w.numel()
                 if self.config.kernel == "int8_blocks":
                     exact_fallback.append(name)  # its NF4 blocks straddle rows: MatMulNBits cannot hold them
                 new = self._exact(gm, signature, state_dict, node, name, state, bias)
             replace(gm, node, new)
             counts["linear layers quantized"] += 1
         if params:
-            counts["NF4 bits per quantized weight (codes + double-quantized scales)"] = round(stored_bits / params, 4)
+            counts["bits per quantized weight (codes + scales)"] = round(stored_bits / params, 4)
         notes = unmatched_notes("nf4", self.config.exclude, matched)
         if exact_fallback:
             notes.append(f"nf4.kernel=int8_blocks: {len(exact_fallback)} layers with in_features not divisible by "
@@ -90,7 +91,7 @@ class Nf4(Pass[Nf4Config]):
                          f"{'…' if len(exact_fallback) > 3 else ''})")
         if drift:
             notes.append(f"nf4.kernel=int8_blocks: weights differ from NF4 by {100 * max(drift):.2f}% relative RMS "
-                         f"at most (mean {100 * sum(drift) / len(drift):.2f}%), stored at 8.5 bits per weight")
+                         f"at most (mean {100 * sum(drift) / len(drift):.2f}%)")
         counts["float weights dropped"] = drop_unused_weights(gm, signature, state_dict, constants)
         changed = counts["linear layers quantized"] > 0
         return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
