@@ -59,7 +59,7 @@ def export(program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor
         val = node.args[0].meta.get("val") if node.op == "call_function" and node.args and \
             isinstance(node.args[0], torch.fx.Node) else None
         if (isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "effc"
-                and val is not None and val.dtype != torch.float32):
+                and val is not None and val.dtype.is_floating_point and val.dtype != torch.float32):
             raise EffcError(f"{node.target.name()} computes in {str(val.dtype).removeprefix('torch.')} here "
                             "(nf4.compute_dtype); the ONNX targets lower effc's ops in float32: use --target torch, "
                             "or compute_dtype=float32")
