@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from effc.errors import EffcError
+from effc.watch import watch
 
 FORMAT = "effc-calibration"
 VERSION = 2  # 2: per-channel absmax (LLM.int8() outliers)
@@ -117,27 +118,6 @@ AMAX: dict[str, Callable[..., float]] = {"minmax": amax_minmax, "percentile": am
                                          "entropy": amax_entropy, "mse": amax_mse}
 
 
-class Collector(torch.fx.Interpreter):
-    """Runs the captured graph and adds the input of every linear layer to its tensor's histogram."""
-
-    def __init__(self, module: torch.fx.GraphModule, names: dict[str, str]):
-        super().__init__(module)
-        self.names = names  # fx node name -> tensor name (module name of the linear it feeds)
-        self.histograms: dict[str, Histogram] = {}
-        self.channel_absmax: dict[str, np.ndarray] = {}  # per input feature: finds LLM.int8() outlier columns
-
-    def run_node(self, n: torch.fx.Node):
-        if n.name in self.names:
-            x = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
-            x = x.detach().float()
-            name = self.names[n.name]
-            self.histograms.setdefault(name, Histogram()).add(x.numpy())
-            cols = x.abs().reshape(-1, x.shape[-1]).amax(0).numpy()
-            prev = self.channel_absmax.get(name)
-            self.channel_absmax[name] = cols if prev is None else np.maximum(prev, cols)
-        return super().run_node(n)
-
-
 def linear_inputs(module: torch.fx.GraphModule) -> dict[str, str]:
     """fx node name -> '<module>' for every aten.linear in the unlifted graph (tensor = that layer's input)."""
     from effc.passes.program import module_name
@@ -153,19 +133,26 @@ def calibrate(program: torch.export.ExportedProgram, batches: Iterator[dict[str,
               progress: Callable[[int], None] | None = None
               ) -> tuple[dict[str, Histogram], dict[str, np.ndarray]]:
     module = program.module()
-    collector = Collector(module, linear_inputs(module))
-    order = [n.target for n in module.graph.nodes if n.op == "placeholder"]
+    names = linear_inputs(module)
+    histograms: dict[str, Histogram] = {}
+    channel_absmax: dict[str, np.ndarray] = {}  # per input feature: finds LLM.int8() outlier columns
+
+    def add(node: torch.fx.Node, x: torch.Tensor) -> None:
+        x, name = x.detach().float(), names[node.name]
+        histograms.setdefault(name, Histogram()).add(x.numpy())
+        cols = x.abs().reshape(-1, x.shape[-1]).amax(0).numpy()
+        channel_absmax[name] = np.maximum(channel_absmax[name], cols) if name in channel_absmax else cols
+
     seen = 0
-    with torch.no_grad():
-        for feeds in batches:
-            collector.run(*[feeds[k] for k in order])
-            n = int(next(iter(feeds.values())).shape[0])
-            seen += n
-            if progress:
-                progress(n)
+    for feeds in batches:
+        watch(module, feeds, set(names), add, what="input")
+        n = int(next(iter(feeds.values())).shape[0])
+        seen += n
+        if progress:
+            progress(n)
     if seen == 0:
         raise EffcError("the calibration dataset is empty: give at least one sample")
-    return collector.histograms, collector.channel_absmax
+    return histograms, channel_absmax
 
 
 def summarize(histograms: dict[str, Histogram], channel_absmax: dict[str, np.ndarray], method: str,

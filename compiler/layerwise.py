@@ -18,6 +18,7 @@ import torch
 
 from effc.errors import EffcError
 from effc.passes.program import module_name
+from effc.watch import watch
 
 # Own noise this far above the median layer's (4x power) marks where the error jumps.
 JUMP_DB = 6.0
@@ -66,28 +67,11 @@ def tap_names(layer_probes: dict[str, dict]) -> list[str]:
     return sorted({v for p in layer_probes.values() for v in p.values() if v})
 
 
-class _Tapper(torch.fx.Interpreter):
-    """Runs a graph module and keeps the values of the named nodes."""
-
-    def __init__(self, module: torch.fx.GraphModule, names: set[str]):
-        super().__init__(module)
-        self.names = names
-        self.taps: dict[str, np.ndarray] = {}
-
-    def run_node(self, n: torch.fx.Node):
-        value = super().run_node(n)
-        if n.name in self.names:
-            self.taps[n.name] = value.detach().float().numpy()
-        return value
-
-
 def graph_taps(module: torch.fx.GraphModule, names: list[str], feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Values of the named nodes of an ExportedProgram's module() on one batch."""
-    tapper = _Tapper(module, set(names))
-    order = [n.target for n in module.graph.nodes if n.op == "placeholder"]
-    with torch.no_grad():
-        tapper.run(*[feeds[k] for k in order])
-    return tapper.taps
+    taps: dict[str, np.ndarray] = {}
+    watch(module, feeds, set(names), lambda node, value: taps.__setitem__(node.name, value.detach().float().numpy()))
+    return taps
 
 
 @dataclass

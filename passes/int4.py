@@ -20,6 +20,7 @@ from effc.int4 import dequantize, gptq, pack, rtn, storage_bits
 from effc.passes.base import Level, Need, Pass, PassConfig, PassContext, PassResult
 from effc.passes.layers import replace, select, unmatched_notes, weights_by_node
 from effc.passes.program import add_parameter, call, drop_unused_weights, edit, module_name, rebuild
+from effc.watch import watch
 from effc.passes.smoothquant import divide_input
 
 aten = torch.ops.aten
@@ -152,47 +153,43 @@ def awq_scales(rows: torch.Tensor, absmean: torch.Tensor, weights: list[torch.Te
 ROW_SAMPLE = 512  # calibration rows kept per layer for AWQ's search
 
 
-class _InputStats(torch.fx.Interpreter):
-    """Runs the float graph and, for every linear layer's (unpadded) input rows, sums 2 x x^T (GPTQ's
-    Hessian) or keeps mean |x| per channel and a sample of rows (AWQ)."""
+class _InputStats:
+    """For every linear layer's (unpadded) input rows of the float graph: the sum of 2 x x^T (GPTQ's
+    Hessian), or mean |x| per channel and a sample of rows (AWQ)."""
 
-    def __init__(self, module: torch.fx.GraphModule, hessians: bool):
-        super().__init__(module)
+    def __init__(self, hessians: bool):
         self.want_hessians = hessians
         self.hessians: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
         self.absmean: dict[str, torch.Tensor] = {}
         self.rows: dict[str, torch.Tensor] = {}
-        self.mask: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # the batch's attention_mask
 
-    def run_node(self, n: torch.fx.Node):
-        if n.op == "call_function" and n.target is aten.linear.default:
-            x = self.env[n.args[0]].detach().double()
-            if self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape:
-                x = x[self.mask != 0]
-            x = x.reshape(-1, x.shape[-1])
-            name = module_name(n)
-            seen = self.count.get(name, 0)
-            self.count[name] = seen + x.shape[0]
-            if self.want_hessians:
-                self.hessians[name] = self.hessians.get(name, 0) + 2 * x.t() @ x
-            else:
-                total = self.absmean.get(name, 0) * seen + x.abs().sum(0)
-                self.absmean[name] = total / self.count[name]
-                kept = self.rows.get(name, x[:0])
-                self.rows[name] = torch.cat([kept, x[: max(0, ROW_SAMPLE - kept.shape[0])]])
-        return super().run_node(n)
+    def add(self, node: torch.fx.Node, x: torch.Tensor) -> None:
+        x = x.detach().double()
+        if self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape:
+            x = x[self.mask != 0]
+        x = x.reshape(-1, x.shape[-1])
+        name = module_name(node)
+        seen = self.count.get(name, 0)
+        self.count[name] = seen + x.shape[0]
+        if self.want_hessians:
+            self.hessians[name] = self.hessians.get(name, 0) + 2 * x.t() @ x
+        else:
+            total = self.absmean.get(name, 0) * seen + x.abs().sum(0)
+            self.absmean[name] = total / self.count[name]
+            kept = self.rows.get(name, x[:0])
+            self.rows[name] = torch.cat([kept, x[: max(0, ROW_SAMPLE - kept.shape[0])]])
 
 
 def _input_stats(ep, data, hessians: bool) -> _InputStats:
     if not data:
         raise EffcError("int4.method=gptq/awq needs calibration samples: give --calib-data DATA")
     module = ep.module()
-    stats = _InputStats(module, hessians)
-    order = [n.target for n in module.graph.nodes if n.op == "placeholder"]
-    with torch.no_grad():
-        for feeds in data:
-            stats.mask = feeds.get("attention_mask")
-            stats.run(*[feeds[k] for k in order])
+    linears = {n.name for n in module.graph.nodes if n.target is aten.linear.default}
+    stats = _InputStats(hessians)
+    for feeds in data:
+        stats.mask = feeds.get("attention_mask")
+        watch(module, feeds, linears, stats.add, what="input")
     stats.hessians = {name: h / max(stats.count[name], 1) for name, h in stats.hessians.items()}
     return stats

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from effc.errors import EffcError
 from effc.targets import onnx_export
-from effc.targets.base import Target
+from effc.targets.base import BuildResult, Target
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from effc.runtime.session import available_providers
 from effc.targets import onnx_export
-from effc.targets.base import Target
+from effc.targets.base import BuildResult, Target
 
 # EXTENDED, not ALL: ALL adds layout transforms specific to this machine's CPU (NCHWc), which ORT's
 # docs say not to save for use on other machines.

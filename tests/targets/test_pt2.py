@@ -11,7 +11,6 @@ from unittest import mock
 
 import numpy as np
 import pytest
-import torch
 
 import effc
 from effc.errors import EffcError
