@@ -22,6 +22,13 @@ class TorchProgram:
             # The op library and the AOTInductor package are built against one torch ABI.
             raise EffcError(f"{root} was built with torch {info['torch']}, this process has {torch.__version__}; "
                             f"install torch=={info['torch']} or recompile the artifact")
+        # Inductor compiled its kernels with the build machine's vector ISA; on a CPU without it they
+        # would die on an illegal instruction, so refuse instead.
+        built_for = info.get("inductor_isa", "").split()[:1]
+        have = torch.backends.cpu.get_cpu_capability().lower()  # "avx512", "avx2", "default", ...
+        if built_for and built_for[0].startswith("avx") and not _at_least(have, built_for[0]):
+            raise EffcError(f"{root} was compiled for {built_for[0].upper()} CPUs and this CPU has {have.upper()}; "
+                            "recompile it with `effc compile --target torch` on a machine like this one")
         # A second copy of the library would register its ops again, which aborts the process.
         if info.get("native_library") and not registered("effc_native::nf4_linear"):
             torch.ops.load_library(str(root / info["native_library"]))
@@ -55,3 +62,11 @@ def registered(op: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
     except RuntimeError:  # no such operator
         return False
+
+
+_ISA_ORDER = ("default", "avx2", "avx512")
+
+
+def _at_least(have: str, need: str) -> bool:
+    rank = {isa: i for i, isa in enumerate(_ISA_ORDER)}
+    return rank.get(have, 0) >= rank.get(need, len(_ISA_ORDER))

@@ -92,6 +92,21 @@ def test_other_torch_version_is_refused(nf4_artifact, tmp_path):
         open_artifact(out)
 
 
+def test_artifact_for_another_cpu_is_refused(nf4_artifact, tmp_path):
+    """Inductor's kernels use the build machine's vector ISA: a CPU without it is refused in one line."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(nf4_artifact[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["target"]["inductor_isa"] = "avx512"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest_hashes(out)
+    with mock.patch("torch.backends.cpu.get_cpu_capability", return_value="AVX2"):
+        with pytest.raises(EffcError, match="compiled for AVX512 CPUs and this CPU has AVX2; recompile"):
+            open_artifact(out)
+
+
 def test_unsupported_ops_are_refused(default_model, tmp_path):
     model, _ = default_model
     result = run("compile", str(model), "--passes", "int8", "--target", "torch", "-o", str(tmp_path / "x"))
