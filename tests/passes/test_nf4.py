@@ -52,6 +52,37 @@ def test_codes_and_absmax_match_the_formulas(shape):
     assert np.abs(deq.ravel() - want).max() <= 1e-6 or len(differs)
 
 
+def test_real_weights_match_the_formulas_and_bitsandbytes(minilm_dir):
+    """all-MiniLM-L6-v2's trained weights (attention, FFN, the embedding table): codes and absmax as the
+    formulas give them and, where bitsandbytes installs, byte for byte what its quantize_4bit stores."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(next(minilm_dir.rglob("model.safetensors"))))
+    names = [n for n in weights if n.endswith(("layer.0.attention.self.query.weight", "layer.5.output.dense.weight",
+                                               "word_embeddings.weight"))]
+    assert len(names) == 3
+    bnb = pytest.importorskip("bitsandbytes", reason="pip install bitsandbytes (in the test extra)")
+    for name in names:
+        w = weights[name].float()
+        packed, absmax, _ = numpy_nf4(w.numpy())
+        state = quantize_nf4(w, double_quant=False)
+        differs = np.nonzero(state["packed"].reshape(-1).numpy() != packed)[0]
+        # Bytes may differ only where a value sits on a midpoint between two NF4 values within float
+        # rounding (bitsandbytes multiplies by 1/absmax, the formula divides).
+        flat = w.numpy().ravel()
+        mids = (np.array(PUBLISHED_NF4[:-1]) + np.array(PUBLISHED_NF4[1:])) / 2
+        for j in differs:
+            pair = flat[2 * j: 2 * j + 2] / absmax[2 * j // 64]
+            assert np.abs(pair[:, None] - mids[None, :]).min() < 1e-6, (name, j)
+        assert len(differs) <= 4, (name, len(differs))
+        np.testing.assert_array_equal(state["absmax"].numpy(), absmax)
+        ours = quantize_nf4(w)
+        ref_packed, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(ours["packed"].reshape(-1), ref_packed.reshape(-1)), name
+        assert torch.equal(ours["absmax_codes"], qs.absmax.reshape(-1)), name
+        assert torch.equal(dequantize_nf4(ours), bnb.functional.dequantize_4bit(ref_packed, qs)), name
+
+
 def test_double_quantized_absmax_within_one_step():
     """absmax - mean(absmax) coded with the signed 8-bit dynamic map in blocks of 256: each decoded
     constant is within one code step (times the block's absmax2) of the float absmax."""
