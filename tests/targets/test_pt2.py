@@ -5,6 +5,7 @@ reference op) within 1e-4, on the default model and on a random Llama with LoRA.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -79,29 +80,25 @@ def test_falls_back_to_exported_program(default_model, tmp_path):
     assert target["format"] == "exported_program" and "C++ compile error" in target["aoti_error"]
 
 
-def test_other_torch_version_is_refused(nf4_artifact, tmp_path):
-    import shutil
-
-    out = tmp_path / "copy"
-    shutil.copytree(nf4_artifact[0], out)
+def _copy_with_target(artifact, out, **changes):
+    """A copy of the artifact whose manifest's target entry says something else (hashes re-made)."""
+    shutil.copytree(artifact, out)
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["target"]["torch"] = "1.0.0"
+    manifest["target"].update(changes)
     (out / "manifest.json").write_text(json.dumps(manifest))
     rewrite_manifest_hashes(out)
+    return out
+
+
+def test_other_torch_version_is_refused(nf4_artifact, tmp_path):
+    out = _copy_with_target(nf4_artifact[0], tmp_path / "copy", torch="1.0.0")
     with pytest.raises(EffcError, match=r"built with torch 1\.0\.0.*install torch==1\.0\.0"):
         open_artifact(out)
 
 
 def test_artifact_for_another_cpu_is_refused(nf4_artifact, tmp_path):
     """Inductor's kernels use the build machine's vector ISA: a CPU without it is refused in one line."""
-    import shutil
-
-    out = tmp_path / "copy"
-    shutil.copytree(nf4_artifact[0], out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["target"]["inductor_isa"] = "avx512"
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    rewrite_manifest_hashes(out)
+    out = _copy_with_target(nf4_artifact[0], tmp_path / "copy", inductor_isa="avx512")
     with mock.patch("torch.backends.cpu.get_cpu_capability", return_value="AVX2"):
         with pytest.raises(EffcError, match="compiled for AVX512 CPUs and this CPU has AVX2; recompile"):
             open_artifact(out)
