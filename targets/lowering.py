@@ -8,6 +8,7 @@ from onnxscript import opset20 as op
 
 import effc.ops  # noqa: F401  (registers torch.ops.effc.*)
 from effc.targets.attention import sdpa_to_multihead_attention
+from effc.targets.blocked_dq import effc_internal
 from effc.targets.contrib_ops import msft
 
 
@@ -185,35 +186,14 @@ def _fake_quantize_blocks(x, k: int, block: int):
 
 def nbits_linear_portable(x, packed, scales, zero_points, bias, in_features: int, block: int, bits: int,
                           int8_activations: bool):
-    """Standard ops: unpack the codes (4 bits: even k in the low nibble), subtract the zero point, scale,
-    MatMul (with the activations fake-quantized per block when int8_activations)."""
+    """Standard ops: the weight as block-quantized DequantizeLinear (opset 21, made from the placeholder
+    by blocked_dq.to_standard after export), then MatMul (activations fake-quantized per block when
+    int8_activations)."""
     if int8_activations:
         x = _fake_quantize_blocks(x, in_features, block)
-    n, groups = scales.shape
-    u8 = onnx.TensorProto.UINT8
-    if bits == 8:
-        codes = packed
-    else:
-        lo = op.BitwiseAnd(packed, op.Constant(value=onnx.helper.make_tensor("low", u8, [], [15])))
-        hi = op.BitShift(packed, op.Constant(value=onnx.helper.make_tensor("four", u8, [], [4])), direction="RIGHT")
-        codes = op.Reshape(op.Concat(op.Unsqueeze(lo, [-1]), op.Unsqueeze(hi, [-1]), axis=-1),
-                           op.Constant(value_ints=[n, groups, block]))
-    if zero_points is None:
-        zero = op.Constant(value_float=float(2 ** (bits - 1)))
-    elif bits == 8:
-        zero = op.Unsqueeze(op.Cast(zero_points, to=onnx.TensorProto.FLOAT), [-1])
-    else:
-        zlo = op.BitwiseAnd(zero_points, op.Constant(value=onnx.helper.make_tensor("zlow", u8, [], [15])))
-        zhi = op.BitShift(zero_points, op.Constant(value=onnx.helper.make_tensor("zfour", u8, [], [4])),
-                          direction="RIGHT")
-        z = op.Reshape(op.Concat(op.Unsqueeze(zlo, [-1]), op.Unsqueeze(zhi, [-1]), axis=-1),
-                       op.Constant(value_ints=[n, -1]))
-        zero = op.Unsqueeze(op.Cast(op.Slice(z, op.Constant(value_ints=[0]), op.Constant(value_ints=[groups]),
-                                             op.Constant(value_ints=[1])), to=onnx.TensorProto.FLOAT), [-1])
-    w = op.Mul(op.Sub(op.Cast(codes, to=onnx.TensorProto.FLOAT), zero), op.Unsqueeze(scales, [-1]))
-    w = op.Slice(op.Reshape(w, op.Constant(value_ints=[n, groups * block])), op.Constant(value_ints=[0]),
-                 op.Constant(value_ints=[in_features]), op.Constant(value_ints=[1]))
-    y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
+    inputs = (packed, scales) if zero_points is None else (packed, scales, zero_points)
+    w = effc_internal.BlockedWeight(*inputs, K=in_features, block=block, bits=bits)
+    y = op.MatMul(x, w)
     return y if bias is None else op.Add(y, bias)
 
 

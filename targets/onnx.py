@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from effc.errors import EffcError
-from effc.targets import onnx_export
+from effc.targets import blocked_dq, onnx_export
 from effc.targets.base import BuildResult, Target
 
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -24,9 +24,11 @@ class OnnxTarget(Target):
               overridable: frozenset[str] = frozenset()) -> BuildResult:
         model = onnx_export.export(program, inputs, output_names, dynamic, self.translations(),
                                    overridable=overridable)
+        blocked_dq.to_standard(model)
         custom = sorted({n.domain for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
         if custom:
             raise EffcError(f"the graph uses operators outside the standard ONNX opset ({', '.join(custom)}); "
                             "use --target ort, or drop the pass that introduced them")
         files = onnx_export.save(model, out_dir / "model.onnx")
-        return onnx_export.result(out_dir, files, {"opset": onnx_export.OPSET}, model, program)
+        opset = next(i.version for i in model.opset_import if i.domain in STANDARD_DOMAINS)
+        return onnx_export.result(out_dir, files, {"opset": opset}, model, program)

@@ -5,6 +5,7 @@ lowering against the reference op, and bad configurations."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -86,8 +87,12 @@ def test_merge_then_int4_matches_the_graph(target, config, default_model, tmp_pa
     assert report.passes[-1].counts["linear layers quantized"] == 28
     if target == "ort":
         assert report.ops["com.microsoft.MatMulNBits"] == 28
-    else:
+    else:  # standard opset-21 block-quantized DequantizeLinear, one per layer
         assert not any(k.startswith("com.microsoft") for k in report.ops)
+        assert report.ops["DequantizeLinear"] >= 28
+        weights = onnx.load(str(tmp_path / "q" / "model.onnx")).graph.initializer
+        four_bit = [t for t in weights if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)]
+        assert len(four_bit) >= 28  # none constant-folded to float
 
 
 def test_int8_activations_reference_matches_matmulnbits_level_4():
