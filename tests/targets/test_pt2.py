@@ -16,8 +16,12 @@ import pytest
 import effc
 from effc.errors import EffcError
 from effc.runtime import open as open_artifact
+from effc.targets.pt2 import TorchTarget
 from tests.artifacts import rewrite_manifest_hashes
 from tests.test_cli import one_line_error, run
+
+if (_why := TorchTarget().available()) is not None:
+    pytest.skip(_why, allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
