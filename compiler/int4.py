@@ -116,15 +116,20 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Te
     """float32 weight [N, K] from MatMulNBits' layout (4 bits: two codes per byte, even k low; 8 bits: one
     code per byte, zero point 128 by default)."""
     n, groups = scales.shape
-    if bits == 8:
-        codes = packed.reshape(n, groups, block).float()
-        zero = torch.full((n, groups), 128.0) if zero_points is None else zero_points.reshape(n, groups).float()
-    else:
-        codes = torch.stack([packed & 0xF, packed >> 4], -1).reshape(n, groups, block).float()
-        zero = (torch.full((n, groups), 8.0) if zero_points is None else
-                torch.stack([zero_points & 0xF, zero_points >> 4], -1).reshape(n, -1)[:, :groups].float())
+    codes = unpack(packed, n, groups * block, bits).float().reshape(n, groups, block)
+    zero = (torch.full((n, groups), float(1 << (bits - 1))) if zero_points is None else
+            unpack(zero_points, n, groups, bits).float())
     w = (codes - zero[..., None]) * scales[..., None]
     return w.reshape(n, groups * block)[:, :in_features]
+
+
+def unpack(packed: torch.Tensor, n: int, width: int, bits: int) -> torch.Tensor:
+    """Codes [n, width] (uint8) from MatMulNBits bytes with n rows (4 bits: even index in the low nibble,
+    rows padded to whole bytes), for weights and zero points alike."""
+    rows = packed.reshape(n, -1)
+    if bits == 4:
+        rows = torch.stack([rows & 0xF, rows >> 4], -1).reshape(n, -1)
+    return rows[:, :width]
 
 
 def storage_bits(n: int, k: int, block: int, symmetric: bool) -> float:

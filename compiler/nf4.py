@@ -149,7 +149,7 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1)
 
 
-def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     p = packed.reshape(-1)
     q = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)
     return q[:n]
@@ -281,7 +281,7 @@ def dequantize_nf4(state: dict, dtype: torch.dtype = torch.float32) -> torch.Ten
     kernel does not when K%16==0 and K%block!=0 (see report)."""
     shape = state["shape"]
     n = math.prod(shape)
-    q = _unpack_nibbles(state["packed"], n).long()
+    q = unpack_nibbles(state["packed"], n).long()
     absmax = dequantize_absmax(state).float()
     scale = absmax.repeat_interleave(state["block"])[:n]
     out = NF4_CODE.to(q.device)[q] * scale

@@ -51,7 +51,7 @@ class Int4(Pass[Int4Config]):
     name = "int4"
     level = Level.FX
     config_class = Int4Config
-    summary = "uniform 4-bit block-wise linear weights: round-to-nearest or GPTQ"
+    summary = "uniform 4-bit block-wise linear weights: round-to-nearest, GPTQ or AWQ"
     after = ("merge_lora",)
     exact = False
 

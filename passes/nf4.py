@@ -12,7 +12,9 @@ from typing import Literal
 import torch
 
 from effc.errors import EffcError
-from effc.nf4 import NF4_CODE, dequantize_absmax, dequantize_nf4, quantize_nf4, storage_bits_per_param
+from effc.int4 import dequantize
+from effc.nf4 import (NF4_CODE, dequantize_absmax, dequantize_nf4, quantize_nf4, storage_bits_per_param,
+                       unpack_nibbles)
 from effc.passes.base import Level, Pass, PassConfig, PassContext, PassResult
 from effc.passes.layers import replace, select, unmatched_notes, weights_by_node
 from effc.passes.program import add_parameter, call, drop_unused_weights, edit, rebuild
@@ -123,12 +125,9 @@ class Nf4(Pass[Nf4Config]):
         block along K. Returns the new node and the relative RMS difference from the NF4 weight."""
         n, k = state["shape"]
         block = self.config.block
-        packed = state["packed"].reshape(-1)
-        codes = torch.stack([packed >> 4, packed & 0xF], 1).reshape(-1)[: n * k].long()
+        codes = unpack_nibbles(state["packed"], n * k).long()
         q8 = (torch.round(NF4_CODE[codes] * 127) + 128).to(torch.uint8).reshape(n, k // block, block)
         scales = (dequantize_absmax(state).float() / 127).reshape(n, k // block)
-        from effc.int4 import dequantize
-
         nf4_w = dequantize_nf4(state)
         diff = float((dequantize(q8, scales, None, k, block, 8) - nf4_w).norm() / nf4_w.norm().clamp(min=1e-30))
         args = [add_parameter(gm, signature, state_dict, f"{name}.weight_int8_blocks", q8.contiguous()),

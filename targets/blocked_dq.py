@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.defs import OpSchema
 from onnxscript.values import Opset
+
+from effc.int4 import unpack
 
 DOMAIN = "effc.internal"
 OPSET = 21  # DequantizeLinear's block_size and the 4-bit types
@@ -31,11 +34,7 @@ effc_internal = Opset(DOMAIN, 1)
 
 
 def _codes(packed: np.ndarray, n: int, width: int, bits: int) -> np.ndarray:
-    """MatMulNBits bytes [n, ...] -> codes [n, width] (4 bits: even index in the low nibble)."""
-    rows = packed.reshape(n, -1)
-    if bits == 8:
-        return rows[:, :width]
-    return np.stack([rows & 15, rows >> 4], axis=-1).reshape(n, -1)[:, :width]
+    return unpack(torch.from_numpy(packed), n, width, bits).numpy()
 
 
 def _tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> TensorProto:

@@ -12,6 +12,7 @@ and the manifest says so; it runs eagerly through the same runtime.
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -59,14 +60,10 @@ class TorchTarget(Target):
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             torch.export.save(program, str(out_dir / "model.pt2"))
             info.update(format="exported_program", aoti_error=f"{type(e).__name__}: {first[:300]}")
-        ops: dict[str, int] = {}
-        for node in program.graph.nodes:
-            if node.op == "call_function":
-                key = str(getattr(node.target, "name", lambda: node.target)())
-                ops[key] = ops.get(key, 0) + 1
+        ops = Counter(str(getattr(n.target, "name", lambda: n.target)()) for n in program.graph.nodes
+                      if n.op == "call_function")
         return BuildResult("model.pt2", files, info, probes={}, inputs=_describe_inputs(inputs, dynamic),
-                           outputs=_describe_outputs(program, inputs, dynamic, output_names),
-                           ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])))
+                           outputs=_describe_outputs(program, inputs, dynamic, output_names), ops=dict(ops.most_common()))
 
 
 def lower(program: torch.export.ExportedProgram) -> tuple[torch.export.ExportedProgram, dict[str, int]]:
