@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,7 +14,7 @@ import torch
 import effc
 from effc import calibration
 from effc import inputs as inputs_mod
-from effc import sources
+from effc import outdir, sources
 from effc.capture import capture, run_torch
 from effc.errors import EffcError, VerificationError
 from effc.passes.base import Need, PassContext
@@ -59,26 +57,16 @@ def _write_weight_sets(root: Path, sets: dict[str, dict]) -> dict | None:
     return {"default": next(iter(sets)), "files": files, "inputs": sorted(next(iter(sets.values())))}
 
 
-def _prepare_output(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise EffcError(f"{output} already exists; choose another -o or pass --force to replace it")
-    if output.exists() and not output.is_dir():
-        raise EffcError(f"{output} exists and is not a directory; choose another -o")
-    output.parent.mkdir(parents=True, exist_ok=True)
+def compile(source: str, output: str | Path, *, force: bool = False,  # noqa: A001 - the product's verb
+            adapters: list[str] | tuple[str, ...] = (), **options) -> CompileReport:
+    """Compile `source` into `output`; the options are _compile's. -o is checked (effc.outdir) and locked
+    for the whole compile before anything else: a second compile to the same -o refuses at once."""
+    output = outdir.check(output, force, source, adapters)
+    with outdir.claim(output, force):
+        return _compile(source, output, force=force, adapters=adapters, **options)
 
 
-def _publish(tmp: Path, output: Path) -> None:
-    """Move the finished artifact into place; an existing one is replaced only after the new one is complete."""
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-        tmp.rename(output)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(output)
-
-
-def compile(  # noqa: A001 - the product's verb
+def _compile(
     source: str,
     output: str | Path,
     *,
@@ -112,7 +100,6 @@ def compile(  # noqa: A001 - the product's verb
             | ({Need.CALIBRATION_DATA} if calib_data else set()))
     pipeline = resolve(list(passes), list(pass_config), have=have)
     target_impl = get_target(target)
-    _prepare_output(output, force)
 
     stages: dict[str, float] = {}
 
@@ -187,7 +174,7 @@ def compile(  # noqa: A001 - the product's verb
     else:
         eager = None
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = outdir.make_tmp(output)
     try:
         stage(f"build {target}")
         built = target_impl.build(program, example, captured.output_names, captured.dynamic, tmp,
@@ -231,7 +218,7 @@ def compile(  # noqa: A001 - the product's verb
         manifest["verification"] = report.verification
         (tmp / REPORT).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
         write_manifest(tmp, manifest)
-        _publish(tmp, output)
+        outdir.publish(tmp, output, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
