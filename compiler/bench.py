@@ -53,10 +53,12 @@ def summarize(times: list[float], batch: int) -> dict:
             "throughput_per_s": float(batch * 1e3 / np.median(t)), "iters": len(times)}
 
 
-def run_engine(engine: str, artifact: Path, inputs: Path, threads: int, warmup: int, iters: int) -> dict:
+def run_engine(engine: str, artifact: Path, inputs: Path, threads: int, warmup: int, iters: int,
+               sign_key: str | Path | None = None) -> dict:
     """In a child process: load one engine, time it, report JSON on stdout."""
     cmd = [sys.executable, "-m", "effc.bench", engine, str(artifact), str(inputs),
            "--threads", str(threads), "--warmup", str(warmup), "--iters", str(iters)]
+    cmd += ["--sign-key", str(sign_key)] if sign_key is not None else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -65,12 +67,12 @@ def run_engine(engine: str, artifact: Path, inputs: Path, threads: int, warmup: 
 
 
 def bench(artifact: str | Path, vs_eager: bool, batch: int = 1, seq: int = 128, threads: int = 2,
-          warmup: int = 5, iters: int = 50, inputs_npz: str | None = None) -> dict:
+          warmup: int = 5, iters: int = 50, inputs_npz: str | None = None, sign_key: str | Path | None = None) -> dict:
     from effc.inputs import load_npz
     from effc.runtime.manifest import read_manifest
 
     artifact = Path(artifact)
-    manifest = read_manifest(artifact)
+    manifest = read_manifest(artifact, sign_key=sign_key)
     feeds = load_npz(inputs_npz) if inputs_npz else bench_inputs(manifest, batch, seq)
     first = next(iter(feeds.values()))
     batch = int(first.shape[0]) if first.ndim else 1
@@ -80,7 +82,7 @@ def bench(artifact: str | Path, vs_eager: bool, batch: int = 1, seq: int = 128, 
         np.savez(path, **feeds)
         engines = ["artifact"] + (["eager"] if vs_eager else [])
         for engine in engines:
-            results[engine] = run_engine(engine, artifact, path, threads, warmup, iters)
+            results[engine] = run_engine(engine, artifact, path, threads, warmup, iters, sign_key)
             results[engine].update(summarize(results[engine].pop("times"), batch))
     if vs_eager:
         results["latency_ratio_artifact_over_eager"] = results["artifact"]["p50_ms"] / results["eager"]["p50_ms"]
@@ -115,13 +117,14 @@ def _child(argv: list[str]) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--sign-key")
     a = ap.parse_args(argv)
     feeds = dict(np.load(a.inputs, allow_pickle=False))
     if a.engine == "artifact":
         from effc.runtime import open as open_artifact
 
         base = _rss_kb("VmRSS")
-        session = open_artifact(a.artifact, threads=a.threads)
+        session = open_artifact(a.artifact, threads=a.threads, sign_key=a.sign_key)
         session.warmup(feeds, a.warmup)
         times = session.time(feeds, a.iters)
     else:
@@ -132,7 +135,7 @@ def _child(argv: list[str]) -> None:
         from effc.runtime.manifest import read_manifest
 
         torch.set_num_threads(a.threads)
-        manifest = read_manifest(Path(a.artifact))
+        manifest = read_manifest(Path(a.artifact), sign_key=a.sign_key)
         src = manifest["source"]
         base = _rss_kb("VmRSS")
         model = sources.load(src.get("path") or src["spec"], [x["path"] for x in src["adapters"]]).model

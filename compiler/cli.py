@@ -41,6 +41,14 @@ def _split(values: tuple[str, ...]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+def _sign_key(help_text: str):
+    """--sign-key FILE (or EFFC_SIGN_KEY): the HMAC key that signs (compile) or must have signed (the rest)."""
+    return click.option("--sign-key", type=click.Path(path_type=Path), envvar="EFFC_SIGN_KEY", help=help_text)
+
+
+_SIGNED = _sign_key("Refuse ARTIFACT unless it was signed with this key file (env EFFC_SIGN_KEY).")
+
+
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact directory to create.")
@@ -59,9 +67,10 @@ def _split(values: tuple[str, ...]) -> list[str]:
               type=click.Choice(["minmax", "percentile", "entropy", "mse"]))
 @click.option("--calib-samples", default=512, show_default=True, help="Samples for --calib-data.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@_sign_key("Sign the artifact with an HMAC-SHA256 keyed with this file's bytes (env EFFC_SIGN_KEY).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compile(model, output, adapters, passes, pass_config, target, input_shapes, atol, rtol, no_verify, dump_ir,
-            calib, calib_data, calib_method, calib_samples, force, as_json):
+            calib, calib_data, calib_method, calib_samples, force, sign_key, as_json):
     """Compile MODEL (Hugging Face model directory or module:callable) into an artifact directory."""
     import effc
     from effc.inputs import parse_shapes
@@ -69,7 +78,7 @@ def compile(model, output, adapters, passes, pass_config, target, input_shapes, 
     report = effc.compile(model, output, adapters=adapters, passes=_split(passes), pass_config=pass_config,
                           target=target, input_shapes=parse_shapes(input_shapes), verify=not no_verify, atol=atol,
                           rtol=rtol, dump_ir=dump_ir, calib=calib, calib_data=calib_data, calib_method=calib_method,
-                          calib_samples=calib_samples, force=force, progress=_say)
+                          calib_samples=calib_samples, force=force, sign_key=sign_key, progress=_say)
     click.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.table())
     click.echo(f"wrote {output}", err=True)
 
@@ -77,11 +86,12 @@ def compile(model, output, adapters, passes, pass_config, target, input_shapes, 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and report as JSON.")
-def inspect(artifact, as_json):
+@_SIGNED
+def inspect(artifact, as_json, sign_key):
     """What is in ARTIFACT: inputs/outputs, operators, sizes, passes, verification."""
     from effc.runtime.manifest import REPORT, read_manifest
 
-    manifest = read_manifest(artifact)
+    manifest = read_manifest(artifact, sign_key=sign_key)
     report = json.loads((artifact / REPORT).read_text()) if (artifact / REPORT).is_file() else {}
     if as_json:
         click.echo(json.dumps({"manifest": manifest, "report": report}, indent=2))
@@ -94,6 +104,8 @@ def inspect(artifact, as_json):
     t = manifest["target"]
     click.echo(f"target:    {t['name']}  " + "  ".join(f"{k}={v}" for k, v in t.items() if k != "name"))
     click.echo("passes:    " + (", ".join(p["name"] for p in manifest["passes"]) or "(none)"))
+    click.echo("signed:    " + ("no" if not manifest.get("signature") else "HMAC-SHA256, verified with the given key"
+                                if sign_key else "HMAC-SHA256 (give --sign-key to check it)"))
     if manifest.get("adapters"):
         a = manifest["adapters"]
         click.echo(f"adapters:  {', '.join(a['files'])} (switchable; default {a['default']}; "
@@ -129,7 +141,8 @@ def inspect(artifact, as_json):
 @click.option("--save-outputs", type=click.Path(path_type=Path), help="Write the outputs to this .npz.")
 @click.option("--threads", type=int, help="Intra-op threads (default: ONNX Runtime's choice).")
 @click.option("--adapter", help="Switchable adapter to run with (see `effc inspect`).")
-def run(artifact, inputs_npz, save_outputs, threads, adapter):
+@_SIGNED
+def run(artifact, inputs_npz, save_outputs, threads, adapter, sign_key):
     """Run ARTIFACT on the arrays in an .npz."""
     import numpy as np
 
@@ -137,7 +150,7 @@ def run(artifact, inputs_npz, save_outputs, threads, adapter):
     from effc.runtime import open as open_artifact
 
     feeds = load_npz(inputs_npz)
-    with open_artifact(artifact, threads=threads, adapter=adapter) as session:
+    with open_artifact(artifact, threads=threads, adapter=adapter, sign_key=sign_key) as session:
         outputs = session.run(feeds)
     for name, value in outputs.items():
         click.echo(f"{name}: {value.dtype}{list(value.shape)}  mean {float(np.mean(value)):.6g}  std {float(np.std(value)):.6g}")
@@ -183,7 +196,8 @@ def calibrate(model, data, method, samples, max_length, batch_size, percentile, 
 @click.option("--top", default=15, show_default=True, help="Rows of the ranking to print (0: all).")
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw the error per layer to this .png.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the full report as JSON.")
-def debug(model, artifact, data, samples, max_length, batch_size, adapters, top, plot, json_out):
+@_SIGNED
+def debug(model, artifact, data, samples, max_length, batch_size, adapters, top, plot, json_out, sign_key):
     """Rank ARTIFACT's layers by the error each adds against the float MODEL on DATA."""
     from effc.debug import debug as run_debug
 
@@ -191,7 +205,7 @@ def debug(model, artifact, data, samples, max_length, batch_size, adapters, top,
         return click.progressbar(length=total, label="comparing", show_eta=True, show_pos=True, file=sys.stderr)
 
     report = run_debug(model, artifact, data, adapters=adapters, samples=samples, max_length=max_length,
-                       batch_size=batch_size, progress_bar=bar)
+                       batch_size=batch_size, progress_bar=bar, sign_key=sign_key)
     for name, o in report.outputs.items():
         click.echo(f"output {name}: SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.5f}, max |Δ| {o['max_abs']:.3g}")
     click.echo(f"layers ranked by the error they add ({len(report.rows)} compared):")
@@ -232,7 +246,8 @@ def golden_record(model, output, adapters, inputs_npz, input_shapes):
 @click.option("--rtol", type=float, help="Relative tolerance (give with --atol).")
 @click.option("--per-output", multiple=True, help="NAME:atol=X,rtol=Y for one output (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-def golden_check(artifact, golden_file, atol, rtol, per_output, as_json):
+@_SIGNED
+def golden_check(artifact, golden_file, atol, rtol, per_output, as_json, sign_key):
     """Check ARTIFACT against GOLDEN_FILE: exit 0 when every output is within tolerance, 1 when not."""
     from effc import golden as golden_mod
     from effc.runtime.compare import Tolerance
@@ -240,7 +255,7 @@ def golden_check(artifact, golden_file, atol, rtol, per_output, as_json):
     if (atol is None) != (rtol is None):
         raise EffcError("give --atol and --rtol together, or neither for the precision-aware default")
     tolerance = Tolerance(atol, rtol) if atol is not None else None
-    result = golden_mod.check(artifact, golden_file, tolerance, golden_mod.parse_per_output(per_output))
+    result = golden_mod.check(artifact, golden_file, tolerance, golden_mod.parse_per_output(per_output), sign_key=sign_key)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
     click.echo("golden check: " + ("PASSED" if result.passed else "FAILED: regression against the golden outputs"), err=True)
     sys.exit(0 if result.passed else 1)
@@ -256,11 +271,12 @@ def golden_check(artifact, golden_file, atol, rtol, per_output, as_json):
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--iters", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench(artifact, vs_eager, inputs_npz, batch, seq, threads, warmup, iters, as_json):
+@_SIGNED
+def bench(artifact, vs_eager, inputs_npz, batch, seq, threads, warmup, iters, as_json, sign_key):
     """Latency p50/p90, throughput and peak memory of ARTIFACT (and eager PyTorch with --vs-eager)."""
     from effc import bench as bench_mod
 
-    results = bench_mod.bench(artifact, vs_eager, batch, seq, threads, warmup, iters, inputs_npz)
+    results = bench_mod.bench(artifact, vs_eager, batch, seq, threads, warmup, iters, inputs_npz, sign_key=sign_key)
     click.echo(json.dumps(results, indent=2) if as_json else bench_mod.table(results))
 
 

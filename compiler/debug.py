@@ -11,14 +11,14 @@ from effc.layerwise import LayerComparison, LayerReport, graph_taps, probes, tap
 
 
 def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples: int | None = 32,
-          max_length: int = 128, batch_size: int = 8, progress_bar=None) -> LayerReport:
+          max_length: int = 128, batch_size: int = 8, progress_bar=None, sign_key=None) -> LayerReport:
     from effc import dataset, sources
     from effc.capture import capture, run_torch
     from effc.inputs import dynamic_dims, example_inputs
     from effc.runtime.manifest import read_manifest
     from effc.runtime.session import Session
 
-    manifest = read_manifest(Path(artifact))
+    manifest = read_manifest(Path(artifact), sign_key=sign_key)
     artifact_probes = manifest.get("probes")
     if not artifact_probes:
         raise EffcError(f"{artifact} records no layer probes (built by an older effc, or it has no layers); "
@@ -42,7 +42,7 @@ def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples:
     stream = dataset.batches(data, captured.input_names, src.spec if src.kind == "hf_dir" else None, max_length,
                              batch_size, samples)
     taps = tap_names({k: artifact_probes[k] for k in comparison.layers})
-    with Session(artifact, taps=taps) as session, (progress_bar or _no_bar)(total) as bar:
+    with Session(artifact, taps=taps, sign_key=sign_key) as session, (progress_bar or _no_bar)(total) as bar:
         for feeds in stream:
             np_feeds = {k: v.numpy() for k, v in feeds.items()}
             got = session.run(np_feeds)

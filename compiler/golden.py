@@ -84,12 +84,13 @@ def parse_per_output(items: list[str] | tuple[str, ...]) -> dict[str, Tolerance]
 
 
 def check(artifact: str | Path, golden: str | Path, tolerance: Tolerance | None = None,
-          per_output: dict[str, Tolerance] | None = None) -> Comparison:
-    """Run the artifact on the golden inputs and compare against the golden outputs."""
+          per_output: dict[str, Tolerance] | None = None, sign_key: str | Path | bytes | None = None) -> Comparison:
+    """Run the artifact on the golden inputs and compare against the golden outputs (with `sign_key`,
+    only an artifact signed with it)."""
     from effc.runtime import open as open_artifact
 
     inputs, outputs, _ = load(golden)
-    with open_artifact(artifact) as session:
+    with open_artifact(artifact, sign_key=sign_key) as session:
         unknown = sorted(set(per_output or {}) - set(outputs))
         if unknown:
             raise EffcError(f"--per-output names {', '.join(unknown)}, which {golden} has no output for; outputs: {', '.join(outputs)}")

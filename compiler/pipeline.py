@@ -22,7 +22,7 @@ from effc.passes.program import node_count, parameter_bytes, parameter_count
 from effc.passes.registry import resolve
 from effc.report import CompileReport, PassRecord
 from effc.runtime.compare import Tolerance, compare
-from effc.runtime.manifest import REPORT, write_manifest
+from effc.runtime.manifest import REPORT, load_key, write_manifest
 from effc.targets.base import get_target
 
 
@@ -84,6 +84,7 @@ def _compile(
     calib_method: str = "entropy",
     calib_samples: int | None = 512,
     force: bool = False,
+    sign_key: str | Path | bytes | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> CompileReport:
     """Compile `source` (HF model dir or module:callable) with adapters and passes for `target` into `output`.
@@ -99,6 +100,7 @@ def _compile(
     have = ({Need.EXAMPLE_INPUTS} | ({Need.CALIBRATION} if calib or calib_data else set())
             | ({Need.CALIBRATION_DATA} if calib_data else set()))
     pipeline = resolve(list(passes), list(pass_config), have=have)
+    key = load_key(sign_key) if sign_key is not None else None  # HMAC of the manifest's hash (README, Trust)
     target_impl = get_target(target)
 
     stages: dict[str, float] = {}
@@ -217,7 +219,7 @@ def _compile(
         report.total_seconds = time.perf_counter() - t_start
         manifest["verification"] = report.verification
         (tmp / REPORT).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest, sign_key=key)
         outdir.publish(tmp, output, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from effc.errors import EffcError
-from effc.runtime.manifest import read_manifest
+from effc.runtime.manifest import artifact_file, read_manifest
 
 # Execution providers in order of preference; only those present in this onnxruntime build are used.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -37,9 +37,10 @@ class Session:
     """An opened artifact. Use `effc.runtime.open(path)`; it checks the artifact's hashes first."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 verify_hashes: bool = True, taps: list[str] | tuple[str, ...] = ()):
+                 verify_hashes: bool = True, taps: list[str] | tuple[str, ...] = (),
+                 sign_key: str | Path | bytes | None = None):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path, verify=verify_hashes)
+        self.manifest = read_manifest(self.path, verify=verify_hashes, sign_key=sign_key)
         self.inputs = [TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in self.manifest["inputs"]]
         self.outputs = [TensorInfo(o["name"], o["dtype"], tuple(o["shape"])) for o in self.manifest["outputs"]]
         self.providers = providers or []
@@ -53,7 +54,7 @@ class Session:
                                 "(compile with --target ort or onnx)")
             from effc.runtime.torch_program import TorchProgram
 
-            self._session = TorchProgram(self.path, self.manifest, threads)
+            self._session = TorchProgram(self.path, self.manifest, threads, verified=verify_hashes)
         else:
             self._session = self._open_ort(threads)
 
@@ -74,7 +75,7 @@ class Session:
             # The graph was optimized at build time; doing it again only costs start-up.
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.providers = self.providers or available_providers()
-        model = self.path / self.manifest["model_file"]
+        model = artifact_file(self.path, self.manifest, self.manifest["model_file"], "model_file")
         try:
             return ort.InferenceSession(self._with_taps(model) if self.taps else str(model), sess_options=opts,
                                         providers=self.providers)
@@ -126,7 +127,7 @@ class Session:
         if name not in self._weight_sets:
             from safetensors.numpy import load_file
 
-            self._weight_sets[name] = load_file(str(self.path / files[name]))
+            self._weight_sets[name] = load_file(str(artifact_file(self.path, self.manifest, files[name], f"adapter {name}")))
         return self._weight_sets[name]
 
     def validate(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -163,8 +164,29 @@ class Session:
         feeds = self.validate(feeds)
         feeds.update(self._weights(adapter or self.adapter))
         names = [o.name for o in self.outputs] + self.taps
-        values = self._session.run(names, feeds)
-        return dict(zip(names, values))
+        values = dict(zip(names, self._session.run(names, feeds)))
+        self.check_outputs(feeds, values)
+        return values
+
+    def check_outputs(self, feeds: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> None:
+        """Refuse an output whose dtype, rank or fixed dims differ from the manifest's, or whose dynamic
+        dims disagree with the inputs' dims of the same name (batch, sequence)."""
+        sizes = {dim: np.shape(feeds[i.name])[axis] for i in self.inputs
+                 for axis, dim in enumerate(i.shape) if isinstance(dim, str)}
+        for info in self.outputs:
+            arr = np.asarray(values[info.name])
+            ok = str(arr.dtype) == info.dtype and arr.ndim == len(info.shape)
+            for got, want in zip(arr.shape, info.shape) if ok else ():
+                if isinstance(want, str):
+                    ok = ok and sizes.get(want, got) == got  # a name no input has is not checked
+                else:
+                    ok = ok and want in (0, got)  # ONNX records an unknown dim as 0
+            if not ok:
+                named = ", ".join(f"{k}={v}" for k, v in sizes.items())
+                raise EffcError(f"output {info.name} came back as {arr.dtype}{list(arr.shape)}, but the artifact "
+                                f"declares {info.dtype}[{', '.join(map(str, info.shape))}]"
+                                + (f" for {named}" if named else "")
+                                + f"; {self.path} does not compute what its manifest says, recompile it")
 
     def warmup(self, feeds: dict[str, np.ndarray], runs: int = 3) -> None:
         for _ in range(runs):
@@ -184,9 +206,10 @@ class Session:
 
 
 def open(path: str | Path, providers: list[str] | None = None, threads: int | None = None,  # noqa: A001
-         adapter: str | None = None) -> Session:
-    """Open an artifact after checking every file against the sha256 in its manifest."""
-    session = Session(path, providers=providers, threads=threads)
+         adapter: str | None = None, sign_key: str | Path | bytes | None = None) -> Session:
+    """Open an artifact after checking every file against the sha256 in its manifest, and the manifest
+    against its own hash; with `sign_key` (the key file's path, or its bytes), also its signature."""
+    session = Session(path, providers=providers, threads=threads, sign_key=sign_key)
     if adapter is not None:
         session.select_adapter(adapter)
     return session

@@ -9,10 +9,24 @@ from pathlib import Path
 import numpy as np
 
 from effc.errors import EffcError
+from effc.runtime.manifest import artifact_file, sha256_file
+
+
+def checked(root: Path, manifest: dict, field: str, rel: str) -> Path:
+    """root/rel after its sha256 matched the manifest's, checked right before it is loaded: the op
+    library and an AOTInductor package are native code, so this holds even for a Session opened with
+    verify_hashes=False."""
+    path = artifact_file(root, manifest, rel, field)
+    if sha256_file(path) != manifest["files"][rel]:
+        raise EffcError(f"artifact {root} was tampered with: sha256 of {rel} does not match manifest.json; "
+                        "not loading it, recompile the artifact")
+    return path
 
 
 class TorchProgram:
-    def __init__(self, root: Path, manifest: dict, threads: int | None = None):
+    def __init__(self, root: Path, manifest: dict, threads: int | None = None, verified: bool = False):
+        """`verified`: every file's hash was checked when the manifest was read (the op library is hashed
+        again anyway, right before it is loaded)."""
         try:
             import torch
         except ImportError:
@@ -31,10 +45,11 @@ class TorchProgram:
                             "recompile it with `effc compile --target torch` on a machine like this one")
         # A second copy of the library would register its ops again, which aborts the process.
         if info.get("native_library") and not registered("effc_native::nf4_linear"):
-            torch.ops.load_library(str(root / info["native_library"]))
+            torch.ops.load_library(str(checked(root, manifest, "target.native_library", info["native_library"])))
         if threads:
             torch.set_num_threads(threads)
-        model = str(root / manifest["model_file"])
+        model = str(checked(root, manifest, "model_file", manifest["model_file"]) if not verified
+                    else artifact_file(root, manifest, manifest["model_file"], "model_file"))
         try:
             if info["format"] == "aoti":
                 self._call = torch._inductor.aoti_load_package(model)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from effc.runtime.manifest import MANIFEST, file_hashes
+from effc.runtime.manifest import MANIFEST, file_hashes, seal
 
 
 def rewrite_manifest_hashes(artifact: Path) -> None:
-    """Re-hash every file, so only the numbers (not the integrity check) can tell a change."""
+    """Re-hash every file and the manifest itself, so only the numbers (not the integrity check) can tell a change."""
     manifest = json.loads((artifact / MANIFEST).read_text())
     manifest["files"] = file_hashes(artifact)
-    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    (artifact / MANIFEST).write_text(json.dumps(seal(manifest)))
