@@ -128,6 +128,11 @@ class Pass(Generic[C]):
         """Whether run() reads PassContext.data (calibration samples), needed or merely used when given."""
         return Need.CALIBRATION_DATA in self.needs()
 
+    def requires(self) -> dict[str, list[str]]:
+        """What the machine running the artifact must have, e.g. {"cpu": ["vnni"]}: recorded in the
+        manifest, checked by effc.runtime (runtime/cpu.py) when the artifact is opened."""
+        return {}
+
     def prepare(self, source: Any) -> None:
         """Called with the loaded source before capture, for passes that configure the model itself."""
 

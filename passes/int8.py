@@ -42,6 +42,9 @@ class Int8Config(PassConfig):
     # Keep the layers that add the most error in float until every output's mean cosine similarity to
     # the float model (per position, padding left out) is >= 1 - auto_exclude. Measured on --calib-data.
     auto_exclude: float | None = None
+    # How weight codes use the 8-bit range (effc.ops.WEIGHT_RANGES): pairs (default) is exact on every x86
+    # CPU; 7bit is ONNX Runtime's reduce_range; full needs a VNNI CPU, which the artifact then records.
+    weight_range: Literal["pairs", "7bit", "full"] = "pairs"
 
     def __post_init__(self):
         problems = []
@@ -56,6 +59,8 @@ class Int8Config(PassConfig):
             problems.append(f"int8.smoothquant_alpha={self.smoothquant_alpha} is outside [0, 1]")
         if self.auto_exclude is not None and not 0 < self.auto_exclude < 1:
             problems.append(f"int8.auto_exclude={self.auto_exclude} is not a cosine drop in (0, 1), e.g. 0.01")
+        if self.weight_range != "pairs" and self.mode == "weight_only":
+            problems.append("int8.weight_range is for int8 GEMMs; int8.mode=weight_only multiplies float activations")
         if problems:
             raise EffcError("; ".join(problems))
 
@@ -72,6 +77,11 @@ class Int8(Pass[Int8Config]):
         c = self.config
         calibrated = c.mode == "static" or c.outlier_threshold is not None or c.smoothquant_alpha is not None
         return {Need.CALIBRATION} if calibrated else set()
+
+    def requires(self) -> dict[str, list[str]]:
+        if self.config.weight_range == "full" and self.config.mode != "weight_only":
+            return {"cpu": ["vnni"]}
+        return {}
 
     def reads_data(self) -> bool:
         # Both search on --calib-data when given (else on the example inputs).
@@ -189,7 +199,9 @@ class Int8(Pass[Int8Config]):
 
     def _int8(self, gm, signature, state_dict, name, x, w, bias, stats, amax: float | None = None) -> torch.fx.Node:
         """One int8 linear (of the configured mode) replacing linear(x, w, bias)."""
-        q, scale = quantize_weight_per_channel(w)
+        # weight_only runs no int8 GEMM (float activations): nothing to protect, keep the full range.
+        weight_range = "full" if self.config.mode == "weight_only" else self.config.weight_range
+        q, scale = quantize_weight_per_channel(w, weight_range)
         q_node = add_parameter(gm, signature, state_dict, f"{name}.weight_int8", q)
         s_node = add_parameter(gm, signature, state_dict, f"{name}.weight_scale", scale)
         if self.config.mode == "static":

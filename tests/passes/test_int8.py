@@ -15,14 +15,25 @@ from effc.passes.int8 import Int8, Int8Config
 from examples.models import build
 
 
+def numpy_weight_codes(w, weight_range="pairs"):
+    """Symmetric int8 codes per output channel [N, K] (int64) and scales [N]. pairs: the scale also fits
+    each K-adjacent pair sum w[2i] + w[2i+1] into +-128, so ONNX Runtime's int16 pair sums (vpmaddubsw,
+    activations up to 255) cannot saturate."""
+    w = w.astype(np.float64)
+    scale = np.abs(w).max(1) / 127
+    if weight_range == "pairs":
+        padded = np.pad(w, [(0, 0), (0, w.shape[1] % 2)])
+        scale = np.maximum(scale, np.abs(padded[:, 0::2] + padded[:, 1::2]).max(1) / 128)
+    return np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int64), scale
+
+
 def numpy_dynamic_quant_matmul(x, w):
     """DynamicQuantizeLinear (uint8, asymmetric, per tensor) x per-channel symmetric int8 weights, in int64."""
     lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
     a_scale = np.float32((hi - lo) / 255)
     a_zp = np.clip(np.round(-lo / a_scale), 0, 255)
     xq = np.clip(np.round(x / a_scale) + a_zp, 0, 255).astype(np.int64)
-    w_scale = np.abs(w).max(1) / 127
-    wq = np.clip(np.round(w / w_scale[:, None]), -127, 127).astype(np.int64)
+    wq, w_scale = numpy_weight_codes(w)
     acc = (xq - a_zp.astype(np.int64)) @ wq.T
     return acc * (a_scale.astype(np.float64) * w_scale), w_scale, wq
 
@@ -153,8 +164,7 @@ def test_static_reference_op_matches_quantize_linear_formula():
     w = rng.standard_normal((16, 32)).astype(np.float32)
     x_scale = np.float32(2.5 / 127)  # clips |x| > 2.5 (saturates at -128 / 127)
     xq = np.clip(np.round(x / x_scale), -128, 127).astype(np.int64)
-    w_scale = np.abs(w).max(1) / 127
-    wq = np.clip(np.round(w / w_scale[:, None]), -127, 127).astype(np.int64)
+    wq, w_scale = numpy_weight_codes(w)
     want = (xq @ wq.T) * (np.float64(x_scale) * w_scale)
     q, scale = effc.ops.quantize_weight_per_channel(torch.from_numpy(w))
     got = torch.ops.effc.int8_linear_static(torch.from_numpy(x), torch.tensor(x_scale), q, scale).numpy()
