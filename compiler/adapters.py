@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 
 from effc.errors import EffcError
+from effc.preflight import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_problem
 from effc.runtime.manifest import sha256_tree
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # peft names adapter tensors base_model.model.<module>.<kind>.weight
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|ia3_l)(\.weight)?$")
 
@@ -33,14 +32,9 @@ def check_fits(base: torch.nn.Module, adapter_dir: Path) -> None:
 
     from effc.sources import read_json
 
-    if not adapter_dir.is_dir():
-        raise EffcError(f"adapter {adapter_dir}: no such directory")
-    if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise EffcError(f"adapter {adapter_dir} is not a PEFT adapter directory: no {ADAPTER_CONFIG}")
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        hint = " (adapter_model.bin is pickled; effc does not unpickle: save it with safe_serialization=True)" \
-            if (adapter_dir / "adapter_model.bin").exists() else ""
-        raise EffcError(f"adapter {adapter_dir} has no {ADAPTER_WEIGHTS}{hint}")
+    problem = adapter_problem(adapter_dir)
+    if problem:
+        raise EffcError(problem)
     config = read_json(adapter_dir / ADAPTER_CONFIG)
     rank = config.get("r")
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:

@@ -11,8 +11,42 @@ import click
 from effc.errors import EffcError, VerificationError
 
 
+def _set_debug(ctx, _param, value):
+    if value:
+        ctx.meta["effc.debug"] = True  # meta is shared by the group's and the command's contexts
+
+
+def _debug_option() -> click.Option:
+    """--debug on every group and command, so it may come before or after the subcommand."""
+    return click.Option(["--debug"], is_flag=True, expose_value=False, callback=_set_debug,
+                        help="Show tracebacks instead of one-line errors, and third-party warnings.")
+
+
+class Command(click.Command):
+    """Runs with the known third-party noise filtered (effc.quiet), unless --debug."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.append(_debug_option())
+
+    def invoke(self, ctx):
+        if ctx.meta.get("effc.debug"):
+            return super().invoke(ctx)
+        from effc.quiet import quiet
+
+        with quiet():
+            return super().invoke(ctx)
+
+
 class Group(click.Group):
     """Turns EffcError into one line on stderr and an exit code; --debug shows the traceback."""
+
+    command_class = Command
+    group_class = type  # subgroups (golden) are Groups too
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.append(_debug_option())
 
     def invoke(self, ctx):
         try:
@@ -25,12 +59,15 @@ class Group(click.Group):
 
 
 @click.group(cls=Group)
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="effc")
-@click.pass_context
-def main(ctx, debug):
-    """effc: compile trained PyTorch models into smaller, faster, verified artifacts."""
-    ctx.meta["effc.debug"] = debug
+def main():
+    """effc: compile trained PyTorch models into smaller, faster, verified artifacts.
+
+    \b
+    Example:
+      effc compile ./my-llama --adapter ./my-lora --passes merge_lora,cleanup --target ort -o out/llama
+      effc COMMAND --help
+    """
 
 
 def _say(msg: str) -> None:
@@ -71,12 +108,23 @@ _SIGNED = _sign_key("Refuse ARTIFACT unless it was signed with this key file (en
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compile(model, output, adapters, passes, pass_config, target, input_shapes, atol, rtol, no_verify, dump_ir,
             calib, calib_data, calib_method, calib_samples, force, sign_key, as_json):
-    """Compile MODEL (Hugging Face model directory or module:callable) into an artifact directory."""
+    """Compile MODEL (Hugging Face model directory or module:callable) into an artifact directory.
+
+    \b
+    Example:
+      effc compile ./my-llama --adapter ./my-lora --passes merge_lora,cleanup --target ort -o out/llama
+      effc compile ./my-llama --passes int8 --pass-config int8.mode=static --calib-data text.txt -o out/q
+    """
+    from effc import outdir, preflight
+
+    # Everything that needs no model is checked before the compiler (and torch) is imported.
+    shapes = preflight.parse_shapes(input_shapes)
+    outdir.check(output, force, model, adapters)
+    preflight.check_compile(model, adapters, _split(passes), pass_config, target, calib, calib_data)
     import effc
-    from effc.inputs import parse_shapes
 
     report = effc.compile(model, output, adapters=adapters, passes=_split(passes), pass_config=pass_config,
-                          target=target, input_shapes=parse_shapes(input_shapes), verify=not no_verify, atol=atol,
+                          target=target, input_shapes=shapes, verify=not no_verify, atol=atol,
                           rtol=rtol, dump_ir=dump_ir, calib=calib, calib_data=calib_data, calib_method=calib_method,
                           calib_samples=calib_samples, force=force, sign_key=sign_key, progress=_say)
     click.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.table())
@@ -88,7 +136,12 @@ def compile(model, output, adapters, passes, pass_config, target, input_shapes, 
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and report as JSON.")
 @_SIGNED
 def inspect(artifact, as_json, sign_key):
-    """What is in ARTIFACT: inputs/outputs, operators, sizes, passes, verification."""
+    """What is in ARTIFACT: inputs/outputs, operators, sizes, passes, verification.
+
+    \b
+    Example:
+      effc inspect out/llama
+    """
     from effc.runtime.manifest import REPORT, read_manifest
 
     manifest = read_manifest(artifact, sign_key=sign_key)
@@ -143,7 +196,12 @@ def inspect(artifact, as_json, sign_key):
 @click.option("--adapter", help="Switchable adapter to run with (see `effc inspect`).")
 @_SIGNED
 def run(artifact, inputs_npz, save_outputs, threads, adapter, sign_key):
-    """Run ARTIFACT on the arrays in an .npz."""
+    """Run ARTIFACT on the arrays in an .npz.
+
+    \b
+    Example:
+      effc run out/llama --inputs in.npz --save-outputs out.npz
+    """
     import numpy as np
 
     from effc.inputs import load_npz
@@ -171,7 +229,15 @@ def run(artifact, inputs_npz, save_outputs, threads, adapter, sign_key):
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Calibration file to write (.json).")
 @click.option("--trt-cache", type=click.Path(path_type=Path), help="Also write the ranges as a TensorRT calibration cache.")
 def calibrate(model, data, method, samples, max_length, batch_size, percentile, adapters, output, trt_cache):
-    """Record activation ranges of MODEL on DATA for int8 (`effc compile --calib FILE` reuses them)."""
+    """Record activation ranges of MODEL on DATA for int8 (`effc compile --calib FILE` reuses them).
+
+    \b
+    Example:
+      effc calibrate ./my-llama --data text.txt --method entropy --samples 512 -o calib.json
+    """
+    from effc import preflight
+
+    preflight.check_source(model, adapters, data=data)
     from effc import calibration
 
     def bar(total):
@@ -198,7 +264,15 @@ def calibrate(model, data, method, samples, max_length, batch_size, percentile, 
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the full report as JSON.")
 @_SIGNED
 def debug(model, artifact, data, samples, max_length, batch_size, adapters, top, plot, json_out, sign_key):
-    """Rank ARTIFACT's layers by the error each adds against the float MODEL on DATA."""
+    """Rank ARTIFACT's layers by the error each adds against the float MODEL on DATA.
+
+    \b
+    Example:
+      effc debug ./my-llama out/q --data text.txt --plot layers.png
+    """
+    from effc import preflight
+
+    preflight.check_source(model, adapters, data=data)
     from effc.debug import debug as run_debug
 
     def bar(total):
@@ -221,7 +295,13 @@ def debug(model, artifact, data, samples, max_length, batch_size, adapters, top,
 
 @main.group()
 def golden():
-    """Record reference outputs from eager PyTorch and check artifacts against them."""
+    """Record reference outputs from eager PyTorch and check artifacts against them.
+
+    \b
+    Example:
+      effc golden record ./my-llama --input-shapes input_ids:4x64 -o golden.npz
+      effc golden check out/llama golden.npz
+    """
 
 
 @golden.command("record")
@@ -231,11 +311,19 @@ def golden():
 @click.option("--inputs", "inputs_npz", help=".npz of inputs (default: made from the model's config).")
 @click.option("--input-shapes", help="Shapes for made-up inputs, e.g. input_ids:2x64.")
 def golden_record(model, output, adapters, inputs_npz, input_shapes):
-    """Run MODEL in eager PyTorch and save its inputs and outputs."""
-    from effc import golden as golden_mod
-    from effc.inputs import parse_shapes
+    """Run MODEL in eager PyTorch and save its inputs and outputs.
 
-    outputs = golden_mod.record(model, output, adapters, inputs_npz, parse_shapes(input_shapes))
+    \b
+    Example:
+      effc golden record ./my-llama --adapter ./my-lora --input-shapes input_ids:4x64 -o golden.npz
+    """
+    from effc import preflight
+
+    shapes = preflight.parse_shapes(input_shapes)
+    preflight.check_source(model, adapters)
+    from effc import golden as golden_mod
+
+    outputs = golden_mod.record(model, output, adapters, inputs_npz, shapes)
     click.echo(f"wrote {output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
 
 
@@ -248,12 +336,17 @@ def golden_record(model, output, adapters, inputs_npz, input_shapes):
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @_SIGNED
 def golden_check(artifact, golden_file, atol, rtol, per_output, as_json, sign_key):
-    """Check ARTIFACT against GOLDEN_FILE: exit 0 when every output is within tolerance, 1 when not."""
+    """Check ARTIFACT against GOLDEN_FILE: exit 0 when every output is within tolerance, 1 when not.
+
+    \b
+    Example:
+      effc golden check out/llama golden.npz --atol 1e-4 --rtol 1e-3 --per-output logits:atol=1e-3,rtol=1e-2
+    """
+    if (atol is None) != (rtol is None):
+        raise EffcError("give --atol and --rtol together, or neither for the precision-aware default")
     from effc import golden as golden_mod
     from effc.runtime.compare import Tolerance
 
-    if (atol is None) != (rtol is None):
-        raise EffcError("give --atol and --rtol together, or neither for the precision-aware default")
     tolerance = Tolerance(atol, rtol) if atol is not None else None
     result = golden_mod.check(artifact, golden_file, tolerance, golden_mod.parse_per_output(per_output), sign_key=sign_key)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
@@ -273,7 +366,12 @@ def golden_check(artifact, golden_file, atol, rtol, per_output, as_json, sign_ke
 @click.option("--json", "as_json", is_flag=True)
 @_SIGNED
 def bench(artifact, vs_eager, inputs_npz, batch, seq, threads, warmup, iters, as_json, sign_key):
-    """Latency p50/p90, throughput and peak memory of ARTIFACT (and eager PyTorch with --vs-eager)."""
+    """Latency p50/p90, throughput and peak memory of ARTIFACT (and eager PyTorch with --vs-eager).
+
+    \b
+    Example:
+      effc bench out/llama --vs-eager --batch 1 --seq 128
+    """
     from effc import bench as bench_mod
 
     results = bench_mod.bench(artifact, vs_eager, batch, seq, threads, warmup, iters, inputs_npz, sign_key=sign_key)
@@ -282,21 +380,36 @@ def bench(artifact, vs_eager, inputs_npz, batch, seq, threads, warmup, iters, as
 
 @main.command("passes")
 def list_passes():
-    """The registered passes: name, IR level, what each needs, config keys."""
-    from effc.passes.registry import PASSES, pass_class
+    """The registered passes: name, IR level, what each needs (and with which settings), config keys.
 
-    click.echo(f"{'pass':<14} {'level':<6} {'needs':<22} {'config (defaults)':<40} summary")
+    \b
+    Example:
+      effc passes
+      effc compile ./my-llama --passes int8 --pass-config int8.mode=static --calib calib.json -o out/q
+    """
+    from effc.passes.registry import PASSES, needs_by_setting, pass_class
+
     for name in sorted(PASSES):
         cls = pass_class(name)
         p = cls()
-        needs = ",".join(sorted(n.value for n in p.needs())) or "-"
+        needs = [n.value for n in sorted(p.needs(), key=lambda n: n.value)]
+        needs += [f"{n.value} ({', '.join(settings)})" for n, settings in
+                  sorted(needs_by_setting(cls).items(), key=lambda item: item[0].value)]
         config = ", ".join(f"{k}={v}" for k, v in p.config.to_dict().items()) or "-"
-        click.echo(f"{name:<14} {cls.level.value:<6} {needs:<22} {config:<40} {cls.summary}")
+        click.echo(f"{name:<12} {cls.level.value:<4} {cls.summary}")
+        click.echo(f"{'':<17} needs:  {'; '.join(needs) or '-'}")
+        click.echo(f"{'':<17} config: {config}")
 
 
 @main.command("targets")
 def list_targets():
-    """The targets and whether each can build on this machine."""
+    """The targets and whether each can build on this machine.
+
+    \b
+    Example:
+      effc targets
+      effc compile ./my-llama --target onnx -o out/llama-onnx
+    """
     import importlib
 
     from effc.targets.base import TARGETS

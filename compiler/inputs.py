@@ -13,25 +13,11 @@ import numpy as np
 import torch
 
 from effc.errors import EffcError
+from effc.preflight import parse_shapes  # noqa: F401 - lives with the checks made before torch is imported
 
 EXAMPLE_SHAPE = (2, 16)  # batch 2, sequence 16: neither 0 nor 1, so torch.export keeps both dynamic
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 DYNAMIC_NAMES = {0: "batch", 1: "sequence"}
-
-
-def parse_shapes(text: str | None) -> dict[str, tuple[int, ...]]:
-    """'input_ids:1x128,attention_mask:1x128' -> {'input_ids': (1, 128), ...}."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for item in filter(None, (s.strip() for s in (text or "").split(","))):
-        name, _, dims = item.partition(":")
-        try:
-            shape = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            shape = ()
-        if not name or not shape or min(shape) < 1:
-            raise EffcError(f"--input-shapes: {item!r} is not name:DIMxDIM (for example input_ids:1x128)")
-        shapes[name] = shape
-    return shapes
 
 
 def _forward_params(model: torch.nn.Module) -> list[str]:

@@ -14,12 +14,11 @@ import torch
 import effc
 from effc import calibration
 from effc import inputs as inputs_mod
-from effc import outdir, sources
+from effc import outdir, preflight, sources
 from effc.capture import capture, run_torch
-from effc.errors import EffcError, VerificationError
-from effc.passes.base import Need, PassContext
+from effc.errors import VerificationError
+from effc.passes.base import PassContext
 from effc.passes.program import node_count, parameter_bytes, parameter_count
-from effc.passes.registry import resolve
 from effc.report import CompileReport, PassRecord
 from effc.runtime.compare import Tolerance, compare
 from effc.runtime.manifest import REPORT, load_key, write_manifest
@@ -95,11 +94,8 @@ def _compile(
     say = progress or _quiet
     t_start = time.perf_counter()
     output = Path(output)
-    if calib and calib_data:
-        raise EffcError("give --calib FILE or --calib-data DATA, not both")
-    have = ({Need.EXAMPLE_INPUTS} | ({Need.CALIBRATION} if calib or calib_data else set())
-            | ({Need.CALIBRATION_DATA} if calib_data else set()))
-    pipeline = resolve(list(passes), list(pass_config), have=have)
+    # Paths, passes and target: the same checks the CLI makes before it imports this module.
+    pipeline = preflight.check_compile(source, adapters, passes, pass_config, target, calib, calib_data)
     key = load_key(sign_key) if sign_key is not None else None  # HMAC of the manifest's hash (README, Trust)
     target_impl = get_target(target)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from effc.errors import EffcError
+
+if TYPE_CHECKING:  # the table of targets is read before torch is imported (effc.preflight)
+    import torch
 
 
 @dataclass

@@ -51,9 +51,8 @@ class Merge(Pass[PassConfig]):
 
 @pytest.fixture
 def fake_registry(monkeypatch):
-    classes = {"quant": Quant, "merge": Merge}
-    real = registry.pass_class
-    monkeypatch.setattr(registry, "pass_class", lambda n: classes[n] if n in classes else real(n))
+    for name, cls in {"quant": Quant, "merge": Merge}.items():
+        monkeypatch.setitem(registry.PASSES, name, f"{__name__}:{cls.__name__}")
 
 
 def test_config_values_are_typed(fake_registry):
@@ -76,12 +75,29 @@ def test_bad_config_is_rejected(fake_registry, items, message):
 
 def test_needs_and_ordering_are_checked_together(fake_registry):
     with pytest.raises(EffcError) as err:
-        registry.resolve(["quant", "merge", "nope"], ["quant.mode=static"])
+        registry.resolve(["quant", "merge"], ["quant.mode=static"])
     text = str(err.value)
-    assert "unknown pass 'nope'" in text
     assert "quant must run after merge" in text
     assert "needs calibration" in text
     registry.resolve(["merge", "quant"], ["quant.mode=static"], have={Need.EXAMPLE_INPUTS, Need.CALIBRATION})
+
+
+def test_names_are_checked_from_the_table_alone(fake_registry, monkeypatch):
+    """Unknown or repeated names and stray --pass-config are answered without importing any pass module."""
+    monkeypatch.setattr(registry, "pass_class", lambda name: pytest.fail(f"imported pass {name}"))
+    problems = registry.name_problems(["quant", "nope", "quant"], ["merge.x=1", "quant.mode=static"])
+    assert [p.split(";")[0].split(":")[0] for p in problems] == [
+        "unknown pass 'nope'", "--passes lists a pass twice", "--pass-config sets merge.*, but merge is not in --passes"]
+    with pytest.raises(EffcError, match="unknown pass 'nope'"):
+        registry.resolve(["nope", "quant"], ["quant.colour=red"])
+
+
+def test_needs_by_setting_finds_the_settings_that_bring_a_need():
+    assert registry.needs_by_setting(Quant) == {Need.CALIBRATION: ["mode=static"]}
+    assert registry.needs_by_setting(Merge) == {}
+    int8 = registry.needs_by_setting(registry.pass_class("int8"))
+    assert int8 == {Need.CALIBRATION: ["mode=static", "outlier_threshold", "smoothquant_alpha"]}
+    assert registry.needs_by_setting(registry.pass_class("int4")) == {Need.CALIBRATION_DATA: ["method=gptq|awq"]}
 
 
 def test_duplicate_pass_is_rejected(fake_registry):
