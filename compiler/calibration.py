@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from effc.errors import EffcError
+from effc.inputs import max_positions
 from effc.watch import watch
 
 FORMAT = "effc-calibration"
@@ -186,7 +187,32 @@ def read(path: Path, model_sha256: str | None = None) -> dict:
     if model_sha256 and doc.get("model_sha256") != model_sha256:
         raise EffcError(f"{path} was calibrated on another model (sha256 {str(doc.get('model_sha256'))[:12]}…, "
                         f"this one {model_sha256[:12]}…); calibrate this model")
+    _check_tensors(path, doc.get("tensors"))
     return doc
+
+
+NUMBERS = ("amax", "scale", "min", "max", "p99.99", "histogram_edge", "count")  # checked where present
+
+
+def _check_tensors(path: Path, tensors) -> None:
+    """Every tensor entry has a finite amax >= 0 and only finite numbers where numbers belong."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    redo = "; it was edited or damaged: calibrate again with `effc calibrate`"
+    if not isinstance(tensors, dict):
+        raise EffcError(f"{path}: \"tensors\" is not an object of tensor name -> ranges{redo}")
+    for name, t in tensors.items():
+        if not isinstance(t, dict) or "amax" not in t:
+            raise EffcError(f"{path}: tensor {name} has no \"amax\"{redo}")
+        for key in NUMBERS:
+            if key in t and not number(t[key]):
+                raise EffcError(f"{path}: tensor {name} has {key} {json.dumps(t[key])[:40]}, not a finite number{redo}")
+        if t["amax"] < 0:
+            raise EffcError(f"{path}: tensor {name} has a negative amax {t['amax']}{redo}")
+        cols = t.get("channel_absmax", [])
+        if not isinstance(cols, list) or not all(number(v) for v in cols):
+            raise EffcError(f"{path}: tensor {name} has a channel_absmax that is not a list of finite numbers{redo}")
 
 
 def tensorrt_cache(doc: dict) -> str:
@@ -205,6 +231,13 @@ def data_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_data(src, example: dict, data: str) -> None:
+    """Refuse data that cannot calibrate `src` (unreadable, pickled, too long, wrong arrays) before the capture."""
+    from effc import dataset
+
+    dataset.count(data, list(example), max_positions(src.config))
+
+
 def collect(src, program, example: dict, data: str, method: str = "entropy", samples: int | None = None,
             max_length: int = 128, batch_size: int = 8, percentile: float = 99.99, progress_bar=None) -> dict:
     """Calibrate a loaded source's captured program on `data`; returns the calibration document."""
@@ -212,13 +245,14 @@ def collect(src, program, example: dict, data: str, method: str = "entropy", sam
 
     if method not in AMAX:
         raise EffcError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
-    total = dataset.count(data)
+    limit = max_positions(src.config)
+    total = dataset.count(data, list(example), limit)
     if samples is not None:
         total = min(total, samples)
     if total == 0:
         raise EffcError(f"the calibration dataset {data} is empty: give at least one sample")
     stream = dataset.batches(data, list(example), src.spec if src.kind == "hf_dir" else None, max_length,
-                             batch_size, samples)
+                             batch_size, samples, max_positions=limit, trust_remote_code=src.trust_remote_code)
     if progress_bar is not None:
         with progress_bar(total) as bar:
             histograms, channels = calibrate(program, stream, bar.update)
@@ -231,7 +265,7 @@ def collect(src, program, example: dict, data: str, method: str = "entropy", sam
 
 def run(source: str, data: str, output: str | Path, method: str = "entropy", samples: int | None = None,
         max_length: int = 128, batch_size: int = 8, percentile: float = 99.99, adapters=(),
-        progress_bar=None) -> dict:
+        progress_bar=None, trust_remote_code: bool = False) -> dict:
     """`effc calibrate`: load and capture `source`, calibrate, write the calibration file."""
     from effc import sources
     from effc.capture import capture
@@ -239,8 +273,9 @@ def run(source: str, data: str, output: str | Path, method: str = "entropy", sam
 
     if method not in AMAX:
         raise EffcError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
-    src = sources.load(source, adapters)
+    src = sources.load(source, adapters, trust_remote_code=trust_remote_code)
     example = example_inputs(src.model, src.config, None, src.example_inputs)
+    check_data(src, example, data)
     program = capture(src.model, example, dynamic_dims(example)).program
     doc = collect(src, program, example, data, method, samples, max_length, batch_size, percentile, progress_bar)
     write(Path(output), doc)

@@ -86,6 +86,11 @@ def _sign_key(help_text: str):
 _SIGNED = _sign_key("Refuse ARTIFACT unless it was signed with this key file (env EFFC_SIGN_KEY).")
 
 
+# Everything that loads a model takes it: code in a model directory (config.json's auto_map) never runs otherwise.
+_TRUST = click.option("--trust-remote-code", is_flag=True,
+                      help="Run the model directory's own Python code (config.json auto_map); only for code you have read.")
+
+
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact directory to create.")
@@ -103,11 +108,14 @@ _SIGNED = _sign_key("Refuse ARTIFACT unless it was signed with this key file (en
 @click.option("--calib-method", default="entropy", show_default=True,
               type=click.Choice(["minmax", "percentile", "entropy", "mse"]))
 @click.option("--calib-samples", default=512, show_default=True, help="Samples for --calib-data.")
+@_TRUST
+@click.option("--task", help="Load with this head instead of config.json's architectures: feature-extraction, "
+                             "text-generation, fill-mask, sequence-classification, token-classification, question-answering.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @_sign_key("Sign the artifact with an HMAC-SHA256 keyed with this file's bytes (env EFFC_SIGN_KEY).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compile(model, output, adapters, passes, pass_config, target, input_shapes, atol, rtol, no_verify, dump_ir,
-            calib, calib_data, calib_method, calib_samples, force, sign_key, as_json):
+            calib, calib_data, calib_method, calib_samples, trust_remote_code, task, force, sign_key, as_json):
     """Compile MODEL (Hugging Face model directory or module:callable) into an artifact directory.
 
     \b
@@ -126,7 +134,8 @@ def compile(model, output, adapters, passes, pass_config, target, input_shapes, 
     report = effc.compile(model, output, adapters=adapters, passes=_split(passes), pass_config=pass_config,
                           target=target, input_shapes=shapes, verify=not no_verify, atol=atol,
                           rtol=rtol, dump_ir=dump_ir, calib=calib, calib_data=calib_data, calib_method=calib_method,
-                          calib_samples=calib_samples, force=force, sign_key=sign_key, progress=_say)
+                          calib_samples=calib_samples, trust_remote_code=trust_remote_code, task=task, force=force,
+                          sign_key=sign_key, progress=_say)
     click.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.table())
     click.echo(f"wrote {output}", err=True)
 
@@ -207,6 +216,8 @@ def run(artifact, inputs_npz, save_outputs, threads, adapter, sign_key):
     from effc.inputs import load_npz
     from effc.runtime import open as open_artifact
 
+    if save_outputs and not save_outputs.parent.is_dir():
+        raise EffcError(f"--save-outputs {save_outputs}: no such directory {save_outputs.parent}; create it first")
     feeds = load_npz(inputs_npz)
     with open_artifact(artifact, threads=threads, adapter=adapter, sign_key=sign_key) as session:
         outputs = session.run(feeds)
@@ -228,7 +239,9 @@ def run(artifact, inputs_npz, save_outputs, threads, adapter, sign_key):
 @click.option("--adapter", "adapters", multiple=True, help="PEFT adapter directory (repeatable).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Calibration file to write (.json).")
 @click.option("--trt-cache", type=click.Path(path_type=Path), help="Also write the ranges as a TensorRT calibration cache.")
-def calibrate(model, data, method, samples, max_length, batch_size, percentile, adapters, output, trt_cache):
+@_TRUST
+def calibrate(model, data, method, samples, max_length, batch_size, percentile, adapters, output, trt_cache,
+              trust_remote_code):
     """Record activation ranges of MODEL on DATA for int8 (`effc compile --calib FILE` reuses them).
 
     \b
@@ -243,7 +256,8 @@ def calibrate(model, data, method, samples, max_length, batch_size, percentile, 
     def bar(total):
         return click.progressbar(length=total, label="calibrating", show_eta=True, show_pos=True, file=sys.stderr)
 
-    doc = calibration.run(model, data, output, method, samples, max_length, batch_size, percentile, adapters, bar)
+    doc = calibration.run(model, data, output, method, samples, max_length, batch_size, percentile, adapters, bar,
+                          trust_remote_code=trust_remote_code)
     if trt_cache:
         trt_cache.write_text(calibration.tensorrt_cache(doc))
     amax = [t["amax"] for t in doc["tensors"].values()]
@@ -263,7 +277,9 @@ def calibrate(model, data, method, samples, max_length, batch_size, percentile, 
 @click.option("--plot", type=click.Path(path_type=Path), help="Also draw the error per layer to this .png.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the full report as JSON.")
 @_SIGNED
-def debug(model, artifact, data, samples, max_length, batch_size, adapters, top, plot, json_out, sign_key):
+@_TRUST
+def debug(model, artifact, data, samples, max_length, batch_size, adapters, top, plot, json_out, sign_key,
+          trust_remote_code):
     """Rank ARTIFACT's layers by the error each adds against the float MODEL on DATA.
 
     \b
@@ -279,7 +295,7 @@ def debug(model, artifact, data, samples, max_length, batch_size, adapters, top,
         return click.progressbar(length=total, label="comparing", show_eta=True, show_pos=True, file=sys.stderr)
 
     report = run_debug(model, artifact, data, adapters=adapters, samples=samples, max_length=max_length,
-                       batch_size=batch_size, progress_bar=bar, sign_key=sign_key)
+                       batch_size=batch_size, progress_bar=bar, sign_key=sign_key, trust_remote_code=trust_remote_code)
     for name, o in report.outputs.items():
         click.echo(f"output {name}: SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.5f}, max |Δ| {o['max_abs']:.3g}")
     click.echo(f"layers ranked by the error they add ({len(report.rows)} compared):")
@@ -310,7 +326,8 @@ def golden():
 @click.option("--adapter", "adapters", multiple=True, help="PEFT adapter directory (repeatable).")
 @click.option("--inputs", "inputs_npz", help=".npz of inputs (default: made from the model's config).")
 @click.option("--input-shapes", help="Shapes for made-up inputs, e.g. input_ids:2x64.")
-def golden_record(model, output, adapters, inputs_npz, input_shapes):
+@_TRUST
+def golden_record(model, output, adapters, inputs_npz, input_shapes, trust_remote_code):
     """Run MODEL in eager PyTorch and save its inputs and outputs.
 
     \b
@@ -323,7 +340,8 @@ def golden_record(model, output, adapters, inputs_npz, input_shapes):
     preflight.check_source(model, adapters)
     from effc import golden as golden_mod
 
-    outputs = golden_mod.record(model, output, adapters, inputs_npz, shapes)
+    outputs = golden_mod.record(model, output, adapters, inputs_npz, shapes,
+                                trust_remote_code=trust_remote_code)
     click.echo(f"wrote {output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
 
 

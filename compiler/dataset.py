@@ -1,10 +1,17 @@
 """Calibration data: text (.txt, one sample per line; .jsonl with a "text" field) tokenized with the
 model directory's tokenizer, .npz files of input arrays (first dim = samples), or a directory of them.
-Batches are produced lazily, so a large dataset is never held in memory."""
+Batches are produced lazily, so a large dataset is never held in memory.
+
+Text is read as UTF-8; a file that is not UTF-8 is read as cp1252 (Windows text, as many real corpora
+are), with a note on stderr. Sequences never exceed the model's positions: text is truncated to them,
+and .npz arrays longer than that are refused."""
 
 from __future__ import annotations
 
+import codecs
+import functools
 import json
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -12,7 +19,9 @@ import numpy as np
 import torch
 
 from effc.errors import EffcError
-from effc.inputs import load_npz
+from effc.inputs import TEXT_INPUTS, check_length, load_npz
+
+FALLBACK_ENCODING = "cp1252"
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -29,8 +38,50 @@ def _files(data: Path) -> list[Path]:
     return files
 
 
+def _encoding(path: Path) -> str:
+    stat = path.stat()
+    return _detect_encoding(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _detect_encoding(path: str, _mtime_ns: int, _size: int) -> str:
+    """utf-8-sig (UTF-8, with or without a BOM), else cp1252 with a note; binary data is refused."""
+    with open(path, "rb") as f:
+        if b"\0" in f.read(1 << 16):
+            raise EffcError(f"calibration data {path} is a binary file (it has NUL bytes), not text; give text "
+                            "(.txt lines, .jsonl with \"text\", UTF-8 or cp1252) or an .npz of input arrays")
+    for encoding in ("utf-8-sig", FALLBACK_ENCODING):
+        decoder = codecs.getincrementaldecoder(encoding)()
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            continue
+        if encoding == FALLBACK_ENCODING:
+            print(f"effc: note: {path} is not UTF-8; reading it as {FALLBACK_ENCODING} (Windows text)", file=sys.stderr)
+        return encoding
+    raise EffcError(f"calibration data {path} is neither UTF-8 nor {FALLBACK_ENCODING} text; convert it to UTF-8 "
+                    "(for example with iconv) or give an .npz of input arrays")
+
+
+def _npz(path: Path, input_names: list[str] | None, limit: int | None) -> dict[str, np.ndarray]:
+    """An .npz of input arrays [samples, sequence, ...], checked against the model's inputs and positions."""
+    arrays = load_npz(path)
+    if input_names is not None:
+        missing = sorted(set(input_names) - set(arrays))
+        if missing:
+            raise EffcError(f"calibration data {path} has arrays {', '.join(sorted(arrays)) or '(none)'}; "
+                            f"the model takes {', '.join(input_names)} (missing {', '.join(missing)})")
+    for name, arr in arrays.items():
+        if name in TEXT_INPUTS and arr.ndim >= 2:
+            check_length(int(arr.shape[1]), limit, f"calibration data {path} ({name} {list(arr.shape)})")
+    return arrays
+
+
 def _texts(path: Path) -> Iterator[str]:
-    with open(path) as f:
+    with open(path, encoding=_encoding(path)) as f:
         for i, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -44,18 +95,18 @@ def _texts(path: Path) -> Iterator[str]:
 
 
 def batches(data: str | Path, input_names: list[str], model_dir: str | None, max_length: int = 128,
-            batch_size: int = 8, samples: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Feed dicts of at most batch_size samples, samples in all at most `samples`."""
+            batch_size: int = 8, samples: int | None = None, max_positions: int | None = None,
+            trust_remote_code: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Feed dicts of at most batch_size samples, samples in all at most `samples`; no sequence longer
+    than `max_positions` (the model's, from its config)."""
     files = _files(Path(data))
     left = samples if samples is not None else float("inf")
+    if max_positions is not None:
+        max_length = min(max_length, max_positions)
     tokenizer = None
     for f in files:
         if f.suffix == ".npz":
-            arrays = load_npz(f)
-            missing = sorted(set(input_names) - set(arrays))
-            if missing:
-                raise EffcError(f"calibration data {f} has arrays {', '.join(sorted(arrays)) or '(none)'}; "
-                                f"the model takes {', '.join(input_names)} (missing {', '.join(missing)})")
+            arrays = _npz(f, input_names, max_positions)
             n = min(len(arrays[k]) for k in input_names)
             for start in range(0, n, batch_size):
                 take = int(min(batch_size, n - start, left))
@@ -65,7 +116,7 @@ def batches(data: str | Path, input_names: list[str], model_dir: str | None, max
                 left -= take
             continue
         if tokenizer is None:
-            tokenizer = _tokenizer(model_dir, f)
+            tokenizer = _tokenizer(model_dir, f, trust_remote_code)
         chunk: list[str] = []
         for text in _texts(f):
             if left <= 0:
@@ -79,13 +130,16 @@ def batches(data: str | Path, input_names: list[str], model_dir: str | None, max
             yield _tokenize(tokenizer, chunk, input_names, max_length)
 
 
-def _tokenizer(model_dir: str | None, data_file: Path):
+def _tokenizer(model_dir: str | None, data_file: Path, trust_remote_code: bool = False):
     if not model_dir or not Path(model_dir).is_dir() or not any(Path(model_dir).glob("tokenizer*")):
         raise EffcError(f"calibration data {data_file} is text, but the model has no tokenizer files; "
                         "give an .npz of input arrays instead")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises ValueError/OSError/its own types
+        raise EffcError(f"could not load the tokenizer of {model_dir}: {str(e).splitlines()[0]}") from None
 
 
 def _tokenize(tokenizer, texts: list[str], input_names: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -101,13 +155,14 @@ def _tokenize(tokenizer, texts: list[str], input_names: list[str], max_length: i
     return out
 
 
-def count(data: str | Path) -> int:
-    """Samples in the dataset (lines of text, or rows of the first array of each .npz), for progress/ETA."""
+def count(data: str | Path, input_names: list[str] | None = None, max_positions: int | None = None) -> int:
+    """Samples in the dataset (lines of text, or rows of the first array of each .npz), for progress/ETA.
+    Reads all of it, so unreadable text, pickled or too long arrays are refused before any work."""
     total = 0
     for f in _files(Path(data)):
         if f.suffix == ".npz":
-            with np.load(f, allow_pickle=False) as z:
-                total += len(z[z.files[0]]) if z.files else 0
+            arrays = _npz(f, input_names, max_positions)
+            total += len(next(iter(arrays.values()))) if arrays else 0
         else:
             total += sum(1 for _ in _texts(f))
     return total

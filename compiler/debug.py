@@ -11,10 +11,11 @@ from effc.layerwise import LayerComparison, LayerReport, graph_taps, probes, tap
 
 
 def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples: int | None = 32,
-          max_length: int = 128, batch_size: int = 8, progress_bar=None, sign_key=None) -> LayerReport:
+          max_length: int = 128, batch_size: int = 8, progress_bar=None, sign_key=None,
+          trust_remote_code: bool = False) -> LayerReport:
     from effc import dataset, sources
     from effc.capture import capture, run_torch
-    from effc.inputs import dynamic_dims, example_inputs
+    from effc.inputs import dynamic_dims, example_inputs, max_positions
     from effc.runtime.manifest import read_manifest
     from effc.runtime.session import Session
 
@@ -23,7 +24,7 @@ def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples:
     if not artifact_probes:
         raise EffcError(f"{artifact} records no layer probes (built by an older effc, or it has no layers); "
                         "compile it again with this effc")
-    src = sources.load(source, adapters)
+    src = sources.load(source, adapters, trust_remote_code=trust_remote_code)
     built_from = manifest.get("source", {}).get("sha256")
     if built_from and built_from != src.sha256:
         raise EffcError(f"{artifact} was compiled from another model (sha256 {built_from[:12]}…, {source} is "
@@ -36,11 +37,13 @@ def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples:
     if not comparison.layers:
         raise EffcError(f"no layer of {source} matches a probe of {artifact}; is it the model it was compiled from?")
     names = tap_names({k: float_probes[k] for k in comparison.layers})
-    total = dataset.count(data) if samples is None else min(dataset.count(data), samples)
+    limit = max_positions(src.config)
+    total = dataset.count(data, captured.input_names, limit)
+    total = total if samples is None else min(total, samples)
     if total == 0:
         raise EffcError(f"the dataset {data} is empty: give at least one sample")
     stream = dataset.batches(data, captured.input_names, src.spec if src.kind == "hf_dir" else None, max_length,
-                             batch_size, samples)
+                             batch_size, samples, max_positions=limit, trust_remote_code=trust_remote_code)
     taps = tap_names({k: artifact_probes[k] for k in comparison.layers})
     with Session(artifact, taps=taps, sign_key=sign_key) as session, (progress_bar or _no_bar)(total) as bar:
         for feeds in stream:

@@ -40,7 +40,7 @@ def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]
 
 
 def record(source: str, output: str | Path, adapters=(), inputs_npz: str | None = None,
-           input_shapes: dict | None = None) -> dict[str, np.ndarray]:
+           input_shapes: dict | None = None, trust_remote_code: bool = False) -> dict[str, np.ndarray]:
     """Run the eager model on the inputs (given, or made from its config) and save inputs + outputs."""
     import torch
 
@@ -48,10 +48,12 @@ def record(source: str, output: str | Path, adapters=(), inputs_npz: str | None 
     from effc import sources
     from effc.capture import named_module
 
-    src = sources.load(source, adapters)
+    src = sources.load(source, adapters, trust_remote_code=trust_remote_code)
     model = src.model
     if inputs_npz:
-        feeds = {k: torch.from_numpy(v) for k, v in inputs_mod.load_npz(inputs_npz).items()}
+        arrays = inputs_mod.load_npz(inputs_npz)
+        inputs_mod.check_token_ids(arrays, src.config, f"--inputs {inputs_npz}")
+        feeds = {k: torch.from_numpy(v) for k, v in arrays.items()}
     else:
         example = inputs_mod.example_inputs(model, src.config, input_shapes, src.example_inputs)
         feeds = (inputs_mod.make_text_inputs(list(example), src.config, tuple(example["input_ids"].shape), seed=7, pad=True)
@@ -89,10 +91,50 @@ def check(artifact: str | Path, golden: str | Path, tolerance: Tolerance | None 
     only an artifact signed with it)."""
     from effc.runtime import open as open_artifact
 
-    inputs, outputs, _ = load(golden)
+    inputs, outputs, meta = load(golden)
     with open_artifact(artifact, sign_key=sign_key) as session:
         unknown = sorted(set(per_output or {}) - set(outputs))
         if unknown:
             raise EffcError(f"--per-output names {', '.join(unknown)}, which {golden} has no output for; outputs: {', '.join(outputs)}")
+        _check_same_model(artifact, golden, session.manifest, meta)
+        _check_shapes(golden, session, inputs, outputs)
         got = session.run(inputs)
+    for name, ref in outputs.items():
+        if got[name].shape != ref.shape:
+            raise EffcError(f"{golden} has output {name} of shape {list(ref.shape)}, the artifact computes "
+                            f"{list(got[name].shape)} from its inputs; the golden is of another model or shapes")
     return compare(outputs, got, tolerance, per_output, attention_mask=inputs.get("attention_mask"))
+
+
+def _check_same_model(artifact, golden, manifest: dict, meta: dict) -> None:
+    """A golden recorded from another base model (or other merged adapters) is bad input, not a regression."""
+    recorded, built = meta.get("source") or {}, manifest.get("source") or {}
+    if recorded.get("sha256") and built.get("sha256") and recorded["sha256"] != built["sha256"]:
+        raise EffcError(f"{golden} was recorded from another model ({recorded.get('spec')}, sha256 "
+                        f"{recorded['sha256'][:12]}…) than {artifact} was compiled from ({built.get('spec')}, sha256 "
+                        f"{built['sha256'][:12]}…); record the golden from the artifact's source")
+    if manifest.get("adapters") or "adapters" not in recorded:
+        return  # switchable adapters are selected at run time: any one of them may be the golden's
+    want = [a.get("sha256") for a in recorded["adapters"]]
+    have = [a.get("sha256") for a in built.get("adapters", [])]
+    if want != have:
+        raise EffcError(f"{golden} was recorded with adapters {[a.get('path') for a in recorded['adapters']] or 'none'}, "
+                        f"{artifact} was compiled with {[a.get('path') for a in built.get('adapters', [])] or 'none'}; "
+                        "record the golden with the same --adapter options")
+
+
+def _check_shapes(golden, session, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+    """The golden's outputs must be ones the artifact has, of its rank and fixed sizes, before running."""
+    declared = {o.name: o for o in session.outputs}
+    missing = sorted(set(outputs) - set(declared))
+    if missing:
+        raise EffcError(f"{golden} has outputs {', '.join(missing)}, which the artifact does not compute (it has "
+                        f"{', '.join(declared)}); the golden is of another model")
+    sizes = {dim: np.shape(inputs[i.name])[axis] for i in session.inputs if i.name in inputs
+             for axis, dim in enumerate(i.shape) if isinstance(dim, str) and axis < np.ndim(inputs[i.name])}
+    for name, ref in outputs.items():
+        info = declared[name]
+        want = [sizes.get(d) if isinstance(d, str) else (d or None) for d in info.shape]
+        if ref.ndim != len(want) or any(w is not None and w != g for w, g in zip(want, ref.shape)):
+            raise EffcError(f"{golden} has output {name} of shape {list(ref.shape)}, but the artifact computes "
+                            f"{info.describe()} for these inputs; the golden is of another model or shapes")

@@ -7,6 +7,7 @@ shape [batch, sequence]; both dims are dynamic. `--input-shapes name:2x64` fixes
 from __future__ import annotations
 
 import inspect
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,40 @@ from effc.preflight import parse_shapes  # noqa: F401 - lives with the checks ma
 EXAMPLE_SHAPE = (2, 16)  # batch 2, sequence 16: neither 0 nor 1, so torch.export keeps both dynamic
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 DYNAMIC_NAMES = {0: "batch", 1: "sequence"}
+
+
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")  # GPT-2 names it n_positions
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model has positions for, from its config (None when it says nothing)."""
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_length(length: int, limit: int | None, what: str) -> None:
+    """Refuse a sequence longer than the model's positions, naming it (torch.export would fail obscurely)."""
+    if limit is not None and length > limit:
+        raise EffcError(f"{what} has sequence length {length}, but the model has positions for {limit} tokens "
+                        f"(max_position_embeddings or n_positions in its config); give at most {limit}")
+
+
+def check_token_ids(arrays: dict[str, np.ndarray], config, what: str) -> None:
+    """input_ids inside the vocabulary and no longer than the model's positions (eager PyTorch would raise
+    an IndexError, or read a wrong row for negative ids)."""
+    ids = arrays.get("input_ids")
+    if config is None or ids is None or not np.issubdtype(ids.dtype, np.integer) or not ids.size:
+        return
+    vocab = getattr(config, "vocab_size", None)
+    lo, hi = int(ids.min()), int(ids.max())
+    if isinstance(vocab, int) and (lo < 0 or hi >= vocab):
+        raise EffcError(f"{what}: input_ids holds token id {lo if lo < 0 else hi}, outside the model's vocabulary "
+                        f"0..{vocab - 1}; tokenize with the model's own tokenizer")
+    if ids.ndim >= 2:
+        check_length(int(ids.shape[1]), max_positions(config), what)
 
 
 def _forward_params(model: torch.nn.Module) -> list[str]:
@@ -62,6 +97,8 @@ def example_inputs(model: torch.nn.Module, config, shapes: dict[str, tuple[int, 
             raise EffcError(f"--input-shapes {name}:{'x'.join(map(str, shape))}: batch and sequence are captured as "
                             "dynamic, and torch.export fixes a dim of size 0 or 1 to that size; give 2 or more "
                             "(the artifact still runs batch 1 and sequence 1)")
+        if name in TEXT_INPUTS and len(shape) >= 2:
+            check_length(shape[1], max_positions(config), f"--input-shapes {name}:{'x'.join(map(str, shape))}")
     if given is not None:
         inputs = dict(given)
         for name, shape in shapes.items():
@@ -103,6 +140,8 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise EffcError(f"{path}: no such file (give an .npz of named input arrays)")
+    if not zipfile.is_zipfile(path):  # np.load would read it as .npy or as a pickle
+        raise EffcError(f"{path} is not an .npz file (an .npz is a zip of arrays); save the arrays with numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}

@@ -82,6 +82,8 @@ def _compile(
     calib_data: str | None = None,
     calib_method: str = "entropy",
     calib_samples: int | None = 512,
+    trust_remote_code: bool = False,
+    task: str | None = None,
     force: bool = False,
     sign_key: str | Path | bytes | None = None,
     progress: Callable[[str], None] | None = None,
@@ -109,12 +111,14 @@ def _compile(
         stages[name] = time.perf_counter() - stages[name]
 
     stage("load")
-    src = sources.load(source, adapters)
+    src = sources.load(source, adapters, trust_remote_code=trust_remote_code, task=task)
     # Checked before the (slow) capture: a calibration file of another model is refused right away.
     calibration_doc = calibration.read(Path(calib), model_sha256=src.fingerprint) if calib else None
     for p in pipeline:
         p.prepare(src)
     example = inputs_mod.example_inputs(src.model, src.config, input_shapes, src.example_inputs)
+    if calib_data:
+        calibration.check_data(src, example, calib_data)  # unreadable or too long data: refused before the capture
     done("load")
 
     stage("capture")

@@ -26,6 +26,7 @@ class Source:
     config: object | None = None  # transformers PretrainedConfig when there is one
     adapters: list[dict] = field(default_factory=list)
     example_inputs: dict[str, torch.Tensor] | None = None  # given by a factory
+    trust_remote_code: bool = False  # the user allowed the model directory's own code (--trust-remote-code)
 
     @property
     def fingerprint(self) -> str:
@@ -35,9 +36,12 @@ class Source:
         return hashlib.sha256("".join([self.sha256] + [a["sha256"] for a in self.adapters]).encode()).hexdigest()
 
     def describe(self) -> dict:
+        from effc.inputs import max_positions
+
         return {"spec": self.spec, "kind": self.kind, "sha256": self.sha256, "adapters": self.adapters,
                 "path": str(Path(self.spec).resolve()) if self.kind == "hf_dir" else None,
-                "vocab_size": getattr(self.config, "vocab_size", None)}
+                "vocab_size": getattr(self.config, "vocab_size", None),
+                "max_positions": max_positions(self.config)}  # the runtime refuses longer sequences
 
 
 def _state_sha256(model: torch.nn.Module) -> str:
@@ -49,27 +53,71 @@ def _state_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _load_hf_dir(path: Path):
+# --task NAME -> the transformers Auto class that loads the model with that head.
+TASKS: dict[str, str] = {
+    "feature-extraction": "AutoModel",
+    "text-generation": "AutoModelForCausalLM",
+    "fill-mask": "AutoModelForMaskedLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+}
+
+
+def _model_class(path: Path, config, raw: dict, task: str | None, trust_remote_code: bool):
+    """The class to load with: --task's Auto class, else the custom code's (auto_map, trusted), else the
+    class `architectures` names. An architecture transformers does not have is refused, not guessed."""
+    import transformers
+
+    if task is not None:
+        return getattr(transformers, TASKS[task])
+    auto_map = raw.get("auto_map") if trust_remote_code else None
+    if isinstance(auto_map, dict):
+        custom = [k for k in auto_map if k.startswith("AutoModel") and hasattr(transformers, k)]
+        return getattr(transformers, custom[0] if custom else "AutoModel")
+    archs = getattr(config, "architectures", None) or []
+    known = [getattr(transformers, a) for a in archs if hasattr(transformers, a)]
+    if known:
+        return known[0]
+    if archs:
+        raise EffcError(f"{path}/config.json names architecture {', '.join(archs)}, which transformers "
+                        f"{transformers.__version__} does not have; give --task ({', '.join(TASKS)}) to load it "
+                        "with that head, or upgrade transformers")
+    return transformers.AutoModel
+
+
+def _refuse_custom_code(path: Path, raw: dict) -> None:
+    """A config.json with auto_map asks to import .py files from the model directory: refused, never asked."""
+    auto_map = raw.get("auto_map")
+    if auto_map:
+        names = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else str(auto_map)
+        raise EffcError(f"{path} comes with its own model code (auto_map in config.json: {names}), which effc "
+                        "does not run; read that code, and pass --trust-remote-code if you trust it")
+
+
+def _load_hf_dir(path: Path, trust_remote_code: bool = False, task: str | None = None):
     import transformers
 
     if not (path / "config.json").is_file():
         raise EffcError(f"{path} is not a model directory: no config.json (give a Hugging Face model directory with "
                         "config.json and *.safetensors, or a module:callable factory)")
+    raw = read_json(path / "config.json")
+    if not isinstance(raw, dict):
+        raise EffcError(f"{path}/config.json is not a JSON object; give a Hugging Face model directory")
+    if not trust_remote_code:
+        _refuse_custom_code(path, raw)
     if not any(path.glob("*.safetensors")):
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = (f"; it has {', '.join(pickled)}, which effc will not unpickle: convert it to safetensors with a tool you trust"
                 if pickled else "")
         raise EffcError(f"{path} has no *.safetensors weights{hint}")
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise EffcError(f"{path}/config.json could not be read by transformers: {str(e).splitlines()[0]}") from None
-    archs = getattr(config, "architectures", None) or []
-    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
-    if cls is None:
-        cls = transformers.AutoModel
+    cls = _model_class(path, config, raw, task, trust_remote_code)
     try:
-        model = cls.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
+        model = cls.from_pretrained(path, use_safetensors=True, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise EffcError(f"could not load {path} as {cls.__name__}: {str(e).splitlines()[0]}") from None
     return model, config
@@ -94,15 +142,23 @@ def _load_factory(spec: str):
     return model, getattr(model, "config", None), example
 
 
-def load(spec: str, adapters: list[str] | tuple[str, ...] = ()) -> Source:
-    """Load a model by spec ("path/to/hf_dir" or "module:callable") with adapters applied, in eval mode."""
+def load(spec: str, adapters: list[str] | tuple[str, ...] = (), *, trust_remote_code: bool = False,
+         task: str | None = None) -> Source:
+    """Load a model by spec ("path/to/hf_dir" or "module:callable") with adapters applied, in eval mode.
+
+    Code shipped in a model directory (config.json's auto_map) runs only with trust_remote_code; `task`
+    (a key of TASKS) picks the head instead of config.json's `architectures`."""
+    if task is not None and task not in TASKS:
+        raise EffcError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     path = Path(spec)
     if path.exists():
         if not path.is_dir():
             raise EffcError(f"{spec} is a file, not a model directory; give the directory that holds config.json")
-        model, config = _load_hf_dir(path)
-        source = Source(spec, "hf_dir", model, sha256_tree(path), config)
+        model, config = _load_hf_dir(path, trust_remote_code, task)
+        source = Source(spec, "hf_dir", model, sha256_tree(path), config, trust_remote_code=trust_remote_code)
     elif ":" in spec and not spec.startswith((".", "/")):
+        if task is not None:
+            raise EffcError(f"--task applies to a Hugging Face model directory; {spec} is a factory, which builds its own model")
         model, config, example = _load_factory(spec)
         source = Source(spec, "factory", model, _state_sha256(model), config, example_inputs=example)
     else:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from effc.errors import EffcError
+from effc.runtime.limits import check_feeds
 from effc.runtime.manifest import artifact_file, read_manifest
 
 # Execution providers in order of preference; only those present in this onnxruntime build are used.
@@ -157,6 +158,7 @@ class Session:
                 if isinstance(want, str) and sizes.setdefault(want, got) != got:
                     raise EffcError(f"input {name} has {want}={got} on axis {axis} but another input has {want}={sizes[want]}; they must agree")
             out[name] = arr
+        check_feeds(self.path, self.manifest, out)  # token ids in the vocabulary, sequence within positions
         return out
 
     def run(self, feeds: dict[str, np.ndarray], adapter: str | None = None) -> dict[str, np.ndarray]:

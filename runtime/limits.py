@@ -1,0 +1,61 @@
+"""What an artifact's inputs may hold beyond their dtypes and shapes: token ids inside the vocabulary,
+sequences no longer than the model has positions for (both recorded from the model's config in the
+manifest's source), and a warning for sequences longer than compile-time verification ran."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from effc.errors import EffcError
+
+_warned: set[tuple[str, int]] = set()  # (artifact, sequence length): warn once per process
+
+
+def check_feeds(path: Path, manifest: dict, feeds: dict[str, np.ndarray]) -> None:
+    """Refuse token ids outside [0, vocab_size) and sequences beyond max_positions; warn (one line on
+    stderr, once) for a sequence longer than the artifact was verified at."""
+    source = manifest.get("source") or {}
+    vocab = source.get("vocab_size")
+    ids = feeds.get("input_ids")
+    if isinstance(vocab, int) and ids is not None and ids.size and np.issubdtype(ids.dtype, np.integer):
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise EffcError(f"input_ids holds token id {bad}, outside the model's vocabulary 0..{vocab - 1}; "
+                            "tokenize with the model's own tokenizer")
+    length = _sequence_length(manifest, feeds)
+    if length is None:
+        return
+    limit = source.get("max_positions")
+    if isinstance(limit, int) and length > limit:
+        raise EffcError(f"the inputs have sequence length {length}, but the model has positions for {limit} "
+                        f"tokens (max_position_embeddings or n_positions in its config); give at most {limit} tokens per row")
+    verified = _verified_length(manifest)
+    key = (str(path), length)
+    if verified is not None and length > verified and key not in _warned:
+        _warned.add(key)
+        print(f"effc: warning: sequence length {length} is longer than {path} was verified at when compiled (up to "
+              f"{verified} tokens); `effc golden check` at this length, or compile with a longer --input-shapes",
+              file=sys.stderr)
+
+
+def _sequence_length(manifest: dict, feeds: dict[str, np.ndarray]) -> int | None:
+    for info in manifest.get("inputs", []):
+        if "sequence" in info["shape"] and info["name"] in feeds:
+            arr = feeds[info["name"]]
+            axis = info["shape"].index("sequence")
+            if arr.ndim > axis:
+                return int(arr.shape[axis])
+    return None
+
+
+def _verified_length(manifest: dict) -> int | None:
+    """The longest sequence the compile-time verification ran the artifact at (None when it did not run)."""
+    shapes = (manifest.get("verification") or {}).get("shapes") or []
+    axes = {i["name"]: i["shape"].index("sequence") for i in manifest.get("inputs", []) if "sequence" in i["shape"]}
+    lengths = [shape[axes[name]] for s in shapes for name, shape in s.items()
+               if name in axes and len(shape) > axes[name]]
+    return max(lengths) if lengths else None
