@@ -56,6 +56,16 @@ def _write_weight_sets(root: Path, sets: dict[str, dict]) -> dict | None:
     return {"default": next(iter(sets)), "files": files, "inputs": sorted(next(iter(sets.values())))}
 
 
+def _requirements(pipeline) -> dict[str, list[str]]:
+    """What the passes need of the machine that runs the artifact, merged (e.g. {"cpu": ["vnni"]})."""
+    merged: dict[str, list[str]] = {}
+    for p in pipeline:
+        for kind, needs in p.requires().items():
+            merged.setdefault(kind, [])
+            merged[kind] += [n for n in needs if n not in merged[kind]]
+    return merged
+
+
 def compile(source: str, output: str | Path, *, force: bool = False,  # noqa: A001 - the product's verb
             adapters: list[str] | tuple[str, ...] = (), **options) -> CompileReport:
     """Compile `source` into `output`; the options are _compile's. -o is checked (effc.outdir) and locked
@@ -198,6 +208,9 @@ def _compile(
         }
         if weight_sets:
             manifest["adapters"] = weight_sets
+        requires = _requirements(pipeline)
+        if requires:
+            manifest["requires"] = requires  # checked by effc.runtime when the artifact is opened
         manifest["probes"] = built.probes  # layer -> the artifact's values at its input and output (effc debug)
         write_manifest(tmp, manifest)  # provisional, so the runtime can open it for verification
 
@@ -209,11 +222,7 @@ def _compile(
                 report.verification["passed"] = all(v["passed"] for v in report.verification["adapters"].values())
             done("verify")
             if not report.verification["passed"]:
-                worst = max(report.verification["outputs"], key=lambda o: o["max_abs"])
-                raise VerificationError(
-                    f"the {target} artifact does not match eager PyTorch: output {worst['name']} max |Δ| "
-                    f"{worst['max_abs']:.3g} > atol {atol:g} + rtol {rtol:g}·|ref|; nothing was written "
-                    "(loosen --atol/--rtol if that error is expected, or --no-verify)")
+                raise VerificationError(_failure(report.verification, target, atol, rtol))
         report.artifact_bytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         report.stages = {k: round(v, 3) for k, v in stages.items()}
         report.total_seconds = time.perf_counter() - t_start
@@ -225,6 +234,31 @@ def _compile(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _failure(verification: dict, target: str, atol: float, rtol: float) -> str:
+    """One line naming the check that failed, with its numbers."""
+    tail = "; nothing was written"
+    lossy = [v for v in verification.get("quantized_rounding", []) if not v["passed"]]
+    if lossy:
+        v = min(lossy, key=lambda v: v["artifact_sqnr_db_vs_eager"] - v["graph_sqnr_db_vs_eager"])
+        return (f"the {target} artifact is less accurate than the graph after the passes: output {v['output']} has "
+                f"SQNR {v['artifact_sqnr_db_vs_eager']:.1f} dB against eager PyTorch where the graph has "
+                f"{v['graph_sqnr_db_vs_eager']:.1f} dB, and it must be within {LOSSY_SQNR_MARGIN_DB:g} dB of the "
+                f"graph{tail} (the runtime computes the quantized ops differently from their reference; "
+                "--no-verify skips the check)")
+    bad = [o for o in verification["outputs"] if not o.get("passed", True)]
+    if bad:
+        worst = max(bad, key=lambda o: o["max_abs"])
+        return (f"the {target} artifact does not match eager PyTorch: output {worst['name']} max |Δ| "
+                f"{worst['max_abs']:.3g} > atol {atol:g} + rtol {rtol:g}·|ref|{tail} "
+                "(loosen --atol/--rtol if that error is expected, or --no-verify)")
+    adapters = {n: a for n, a in verification.get("adapters", {}).items() if not a["passed"]}
+    if adapters:
+        name, a = next(iter(adapters.items()))
+        return (f"the {target} artifact with switchable adapter {name} does not match eager PyTorch with that adapter: "
+                f"max |Δ| {a['max_abs']:.3g} > atol {atol:g} + rtol {rtol:g}·|ref|{tail}")
+    return f"the {target} artifact failed verification{tail}"
 
 
 def _verify_adapters(artifact: Path, src, captured, feeds, atol: float, rtol: float) -> dict:

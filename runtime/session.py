@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from effc.errors import EffcError
+from effc.runtime import cpu
 from effc.runtime.limits import check_feeds
 from effc.runtime.manifest import artifact_file, read_manifest
 
@@ -42,6 +43,7 @@ class Session:
                  sign_key: str | Path | bytes | None = None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, verify=verify_hashes, sign_key=sign_key)
+        cpu.check(self.path, self.manifest)
         self.inputs = [TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in self.manifest["inputs"]]
         self.outputs = [TensorInfo(o["name"], o["dtype"], tuple(o["shape"])) for o in self.manifest["outputs"]]
         self.providers = providers or []

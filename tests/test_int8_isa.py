@@ -227,8 +227,10 @@ def test_emulated_avx2_cpu(tmp_path):
 
 @pytest.fixture(scope="module")
 def full_range_artifact(tmp_path_factory, default_model):
+    """A full-range artifact; not verified, since a CPU without VNNI could not run it (and refuses to)."""
     out = tmp_path_factory.mktemp("full") / "a"
-    effc.compile(str(default_model[0]), out, passes=["int8"], pass_config=["int8.weight_range=full"], target="ort")
+    effc.compile(str(default_model[0]), out, passes=["int8"], pass_config=["int8.weight_range=full"], target="ort",
+                 verify=VNNI)
     return out
 
 
@@ -267,3 +269,64 @@ def test_cpu_flags_come_from_cpuid():
     have = cpu.flags()
     for flag, numpy_name in (("avx2", "AVX2"), ("avx512f", "AVX512F"), ("avx512_vnni", "AVX512VNNI")):
         assert (flag in have) == f.get(numpy_name, False), flag
+
+
+RUN_ARTIFACTS = textwrap.dedent('''
+    import sys, numpy as np, effc.runtime
+    from effc.errors import EffcError
+    feeds = dict(np.load(sys.argv[1]))
+    for path in sys.argv[3:]:
+        try:
+            with effc.runtime.open(path, threads=1) as s:
+                np.save(sys.argv[2] + "/" + path.rsplit("/", 1)[1] + ".npy", s.run(feeds)["logits"])
+        except EffcError as e:
+            print("refused", path.rsplit("/", 1)[1], e)
+''')
+
+
+@pytest.mark.skipif(not QEMU, reason="qemu-user is not installed (apt-get install qemu-user): it emulates an "
+                                      "AVX2-only CPU, the kind without VNNI")
+@pytest.mark.skipif(not cpu.is_x86(), reason="emulates an x86 CPU with qemu-x86_64")
+def test_artifacts_on_emulated_avx2_cpu(full_range_artifact, default_model, tmp_path):
+    """Whole int8 artifacts of the default Llama compiled here, run by effc.runtime on an emulated AVX2
+    CPU: dynamic (ort) and static (onnx) give this CPU's logits, and the full-range artifact is refused
+    by the real CPUID probe (no monkeypatching)."""
+    data = tmp_path / "calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, input_ids=rng.integers(0, 512, (8, 32)), attention_mask=np.ones((8, 32), np.int64))
+    effc.compile(str(default_model[0]), tmp_path / "dynamic", passes=["int8"], target="ort")
+    effc.compile(str(default_model[0]), tmp_path / "static", passes=["int8"], pass_config=["int8.mode=static"],
+                 calib_data=str(data), target="onnx")
+    feeds = {"input_ids": rng.integers(0, 512, (2, 24)), "attention_mask": np.ones((2, 24), np.int64)}
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    (tmp_path / "run.py").write_text(RUN_ARTIFACTS)
+    (tmp_path / "out").mkdir()
+    r = subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, str(tmp_path / "run.py"), str(tmp_path / "feeds.npz"),
+                        str(tmp_path / "out"), str(tmp_path / "dynamic"), str(tmp_path / "static"),
+                        str(full_range_artifact)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"refused {full_range_artifact.name}" in r.stdout and "needs a CPU with VNNI" in r.stdout
+    for name in ("dynamic", "static"):
+        with effc.runtime.open(tmp_path / name) as s:
+            here = s.run(feeds)["logits"]
+        np.testing.assert_allclose(np.load(tmp_path / "out" / f"{name}.npy"), here, rtol=0, atol=1e-5)
+
+
+def test_lossy_verification_failure_names_the_sqnr_rule(default_model, tmp_path, monkeypatch):
+    """A quantized artifact that computes worse than its graph (as saturating kernels did) fails with
+    the SQNR rule and its numbers, not an atol figure; nothing is written."""
+    from effc.runtime.session import Session
+
+    real_run = Session.run
+
+    def noisy(self, feeds, adapter=None):
+        out = real_run(self, feeds, adapter)
+        rng = np.random.default_rng(0)
+        return {k: v + rng.standard_normal(v.shape).astype(v.dtype) * np.abs(v).std() for k, v in out.items()}
+
+    monkeypatch.setattr(Session, "run", noisy)
+    with pytest.raises(EffcError) as e:
+        effc.compile(str(default_model[0]), tmp_path / "q", passes=["int8"], target="ort")
+    msg = str(e.value)
+    assert "less accurate than the graph" in msg and "SQNR" in msg and "dB" in msg and "atol" not in msg, msg
+    assert "\n" not in msg and not (tmp_path / "q").exists()
