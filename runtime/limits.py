@@ -38,7 +38,8 @@ def check_feeds(path: Path, manifest: dict, feeds: dict[str, np.ndarray]) -> Non
     if verified is not None and length > verified and key not in _warned:
         _warned.add(key)
         print(f"effc: warning: sequence length {length} is longer than {path} was verified at when compiled (up to "
-              f"{verified} tokens); `effc golden check` at this length, or compile with a longer --input-shapes",
+              f"{verified} tokens): compare its outputs with eager PyTorch at this length (effc golden record, then check), "
+              "or compile with a longer --input-shapes",
               file=sys.stderr)
 
 
