@@ -21,6 +21,9 @@ REQUIREMENTS = {
 }
 
 
+NUMPY_NAMES = {"AVX512VNNI": "avx512_vnni", "AVX512F": "avx512f", "AVX2": "avx2"}  # numpy's -> /proc/cpuinfo's
+
+
 def is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
@@ -30,7 +33,10 @@ def flags() -> set[str]:
     import (what ONNX Runtime's kernel dispatch reads too); /proc/cpuinfo only adds what numpy does not
     name (avx_vnni), and only when it agrees with CPUID on AVX2 and AVX-512, since under an emulator or
     a masked VM it describes the host instead."""
-    from numpy._core._multiarray_umath import __cpu_features__
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__
 
     have = {NUMPY_NAMES.get(k, k.lower()) for k, v in __cpu_features__.items() if v}
     try:
@@ -42,9 +48,6 @@ def flags() -> set[str]:
     if listed and all((f in listed) == (f in have) for f in ("avx2", "avx512f")):
         have |= listed & {"avx_vnni"}
     return have
-
-
-NUMPY_NAMES = {"AVX512VNNI": "avx512_vnni", "AVX512F": "avx512f", "AVX2": "avx2"}
 
 
 def check(root: Path, manifest: dict) -> None:
