@@ -231,22 +231,26 @@ def data_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_data(src, example: dict, data: str) -> None:
-    """Refuse data that cannot calibrate `src` (unreadable, pickled, too long, wrong arrays) before the capture."""
+def check_data(src, example: dict, data: str) -> int:
+    """Refuse data that cannot calibrate `src` (unreadable, pickled, too long, wrong arrays) before the
+    capture; the number of samples (collect's `total`, so the data is read through once, not twice)."""
     from effc import dataset
 
-    dataset.count(data, list(example), max_positions(src.config))
+    return dataset.count(data, list(example), max_positions(src.config))
 
 
 def collect(src, program, example: dict, data: str, method: str = "entropy", samples: int | None = None,
-            max_length: int = 128, batch_size: int = 8, percentile: float = 99.99, progress_bar=None) -> dict:
-    """Calibrate a loaded source's captured program on `data`; returns the calibration document."""
+            max_length: int = 128, batch_size: int = 8, percentile: float = 99.99, progress_bar=None,
+            total: int | None = None) -> dict:
+    """Calibrate a loaded source's captured program on `data`; returns the calibration document. `total`:
+    the samples in `data` when check_data already counted them."""
     from effc import dataset
 
     if method not in AMAX:
         raise EffcError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
     limit = max_positions(src.config)
-    total = dataset.count(data, list(example), limit)
+    if total is None:
+        total = dataset.count(data, list(example), limit)
     if samples is not None:
         total = min(total, samples)
     if total == 0:
@@ -275,8 +279,9 @@ def run(source: str, data: str, output: str | Path, method: str = "entropy", sam
         raise EffcError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
     src = sources.load(source, adapters, trust_remote_code=trust_remote_code)
     example = example_inputs(src.model, src.config, None, src.example_inputs)
-    check_data(src, example, data)
+    total = check_data(src, example, data)
     program = capture(src.model, example, dynamic_dims(example)).program
-    doc = collect(src, program, example, data, method, samples, max_length, batch_size, percentile, progress_bar)
+    doc = collect(src, program, example, data, method, samples, max_length, batch_size, percentile, progress_bar,
+                  total=total)
     write(Path(output), doc)
     return doc

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from effc.errors import EffcError
-from effc.inputs import TEXT_INPUTS, check_length, load_npz
+from effc.inputs import TEXT_INPUTS, load_npz
+from effc.runtime.limits import check_length
 
 FALLBACK_ENCODING = "cp1252"
 

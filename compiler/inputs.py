@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from effc.errors import EffcError
-from effc.preflight import parse_shapes  # noqa: F401 - lives with the checks made before torch is imported
+from effc.runtime import limits
 
 EXAMPLE_SHAPE = (2, 16)  # batch 2, sequence 16: neither 0 nor 1, so torch.export keeps both dynamic
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -33,26 +33,15 @@ def max_positions(config) -> int | None:
     return None
 
 
-def check_length(length: int, limit: int | None, what: str) -> None:
-    """Refuse a sequence longer than the model's positions, naming it (torch.export would fail obscurely)."""
-    if limit is not None and length > limit:
-        raise EffcError(f"{what} has sequence length {length}, but the model has positions for {limit} tokens "
-                        f"(max_position_embeddings or n_positions in its config); give at most {limit}")
-
-
 def check_token_ids(arrays: dict[str, np.ndarray], config, what: str) -> None:
     """input_ids inside the vocabulary and no longer than the model's positions (eager PyTorch would raise
     an IndexError, or read a wrong row for negative ids)."""
     ids = arrays.get("input_ids")
-    if config is None or ids is None or not np.issubdtype(ids.dtype, np.integer) or not ids.size:
+    if config is None or ids is None:
         return
-    vocab = getattr(config, "vocab_size", None)
-    lo, hi = int(ids.min()), int(ids.max())
-    if isinstance(vocab, int) and (lo < 0 or hi >= vocab):
-        raise EffcError(f"{what}: input_ids holds token id {lo if lo < 0 else hi}, outside the model's vocabulary "
-                        f"0..{vocab - 1}; tokenize with the model's own tokenizer")
+    limits.check_ids(ids, getattr(config, "vocab_size", None), what)
     if ids.ndim >= 2:
-        check_length(int(ids.shape[1]), max_positions(config), what)
+        limits.check_length(int(ids.shape[1]), max_positions(config), what)
 
 
 def _forward_params(model: torch.nn.Module) -> list[str]:
@@ -98,7 +87,7 @@ def example_inputs(model: torch.nn.Module, config, shapes: dict[str, tuple[int, 
                             "dynamic, and torch.export fixes a dim of size 0 or 1 to that size; give 2 or more "
                             "(the artifact still runs batch 1 and sequence 1)")
         if name in TEXT_INPUTS and len(shape) >= 2:
-            check_length(shape[1], max_positions(config), f"--input-shapes {name}:{'x'.join(map(str, shape))}")
+            limits.check_length(shape[1], max_positions(config), f"--input-shapes {name}:{'x'.join(map(str, shape))}")
     if given is not None:
         inputs = dict(given)
         for name, shape in shapes.items():

@@ -39,7 +39,7 @@ def _verification_inputs(example: dict[str, torch.Tensor], config) -> list[dict[
     ids = example.get("input_ids")
     if ids is not None and ids.dim() == 2 and config is not None:
         batch, seq = ids.shape
-        limit = getattr(config, "max_position_embeddings", None) or 4 * seq
+        limit = inputs_mod.max_positions(config) or 4 * seq
         # Long enough for what people run (bench's default 128): effc.runtime warns beyond what was verified.
         shape = (batch + 1, min(limit, max(2 * seq + 3, VERIFY_LENGTH)))
         sets.append(inputs_mod.make_text_inputs(list(example), config, shape, seed=1, pad="attention_mask" in example))
@@ -131,8 +131,7 @@ def _compile(
     for p in pipeline:
         p.prepare(src)
     example = inputs_mod.example_inputs(src.model, src.config, input_shapes, src.example_inputs)
-    if calib_data:
-        calibration.check_data(src, example, calib_data)  # unreadable or too long data: refused before the capture
+    samples_in_data = calibration.check_data(src, example, calib_data) if calib_data else None  # before the capture
     done("load")
 
     stage("capture")
@@ -143,7 +142,8 @@ def _compile(
                            param_bytes_captured=parameter_bytes(program), params_captured=parameter_count(program))
     if calib_data:
         stage("calibrate")
-        calibration_doc = calibration.collect(src, program, example, calib_data, calib_method, calib_samples)
+        calibration_doc = calibration.collect(src, program, example, calib_data, calib_method, calib_samples,
+                                              total=samples_in_data)
         done("calibrate")
 
     stage("reference")

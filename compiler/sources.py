@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from effc.errors import EffcError
+from effc.preflight import model_problem
 from effc.runtime.manifest import sha256_tree
 
 
@@ -98,19 +99,14 @@ def _refuse_custom_code(path: Path, raw: dict) -> None:
 def _load_hf_dir(path: Path, trust_remote_code: bool = False, task: str | None = None):
     import transformers
 
-    if not (path / "config.json").is_file():
-        raise EffcError(f"{path} is not a model directory: no config.json (give a Hugging Face model directory with "
-                        "config.json and *.safetensors, or a module:callable factory)")
+    problem = model_problem(str(path))  # no config.json, or no safetensors weights
+    if problem:
+        raise EffcError(problem)
     raw = read_json(path / "config.json")
     if not isinstance(raw, dict):
         raise EffcError(f"{path}/config.json is not a JSON object; give a Hugging Face model directory")
     if not trust_remote_code:
         _refuse_custom_code(path, raw)
-    if not any(path.glob("*.safetensors")):
-        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = (f"; it has {', '.join(pickled)}, which effc will not unpickle: convert it to safetensors with a tool you trust"
-                if pickled else "")
-        raise EffcError(f"{path} has no *.safetensors weights{hint}")
     try:
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
