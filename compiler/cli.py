@@ -194,7 +194,7 @@ def inspect(artifact, as_json, sign_key):
     click.echo("verified:  " + (f"{'passed' if v['passed'] else 'FAILED'}, max |Δ| {v['max_abs']:.3g} vs {against} "
                                 f"(atol {v['atol']:g}, rtol {v['rtol']:g})" if v else "no (--no-verify)"))
     for o in (accuracy or {}).get("outputs", []):
-        click.echo(f"accuracy:  {o['name']} vs eager fp32: cosine {o['cosine']:.5f}, SQNR {o['sqnr_db']:.1f} dB")
+        click.echo(f"accuracy:  {o['name']} of the {accuracy.get('measured_on', 'artifact')} vs eager fp32: cosine {o['cosine']:.5f}, SQNR {o['sqnr_db']:.1f} dB")
 
 
 @main.command()

@@ -32,7 +32,9 @@ class CompileReport:
     artifact_bytes: int = 0
     ops: dict[str, int] = field(default_factory=dict)  # operator -> count in the artifact
     verification: dict | None = None
-    accuracy_vs_eager: dict | None = None  # set when a pass changes the numbers on purpose
+    # Set when a pass changes the numbers on purpose: the artifact's outputs against eager PyTorch (the
+    # graph's after the passes with --no-verify, which does not run the artifact; "measured_on" says which).
+    accuracy_vs_eager: dict | None = None
     total_seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -66,8 +68,9 @@ class CompileReport:
         else:
             lines.append("verification: skipped (--no-verify)")
         if self.accuracy_vs_eager:
+            on = self.accuracy_vs_eager.get("measured_on", "artifact")
             for o in self.accuracy_vs_eager["outputs"]:
-                lines.append(f"accuracy vs eager fp32, {o['name']}: cosine {o['cosine']:.5f}, SQNR {o['sqnr_db']:.1f} dB, "
+                lines.append(f"accuracy of the {on} vs eager fp32, {o['name']}: cosine {o['cosine']:.5f}, SQNR {o['sqnr_db']:.1f} dB, "
                              f"max |Δ| {o['max_abs']:.3g}" + (f", top-1 agreement {o['top1_agreement']:.3f}"
                                                               if o.get("top1_agreement") is not None else ""))
         lines.append(f"total: {self.total_seconds:.1f} s")

@@ -297,3 +297,40 @@ def test_static_ort_uses_integer_gemm(default_model, calib_npz, tmp_path):
     assert report.verification["passed"]
     assert report.ops["com.microsoft.MatMulIntegerToFloat"] == 29
     assert report.accuracy_vs_eager["outputs"][0]["cosine"] > 0.99
+
+
+def test_reported_accuracy_is_the_artifacts(default_model, tmp_path, monkeypatch):
+    """The report's accuracy against eager is measured on the artifact: recomputed here in numpy from an
+    independent eager run and the artifact's own outputs on the example inputs. The runtime adds a small
+    deterministic error (within the verification rule), so the artifact's accuracy differs from the
+    graph's, which --no-verify reports instead (the artifact is not run)."""
+    import transformers
+
+    import effc.runtime
+    from effc.inputs import example_inputs
+    from effc.runtime.session import Session
+
+    real_run = Session.run
+
+    def slightly_off(self, feeds, adapter=None):
+        out = real_run(self, feeds, adapter)
+        rng = np.random.default_rng(0)
+        return {k: v + (rng.standard_normal(v.shape) * 0.01 * v.std()).astype(v.dtype) for k, v in out.items()}
+
+    monkeypatch.setattr(Session, "run", slightly_off)
+    report = effc.compile(str(default_model[0]), tmp_path / "q", passes=["int8"], target="ort")
+    acc = report.accuracy_vs_eager
+    assert acc["measured_on"] == "artifact"
+    model = transformers.AutoModelForCausalLM.from_pretrained(default_model[0]).eval()
+    feeds = example_inputs(model, model.config, None, None)
+    with torch.no_grad():
+        ref = model(**feeds).logits.double().numpy()
+    with effc.runtime.open(tmp_path / "q") as s:
+        got = s.run({k: v.numpy() for k, v in feeds.items()})["logits"].astype(np.float64)
+    keep = feeds["attention_mask"].numpy() != 0
+    r, g = ref[keep], got[keep]
+    assert acc["outputs"][0]["sqnr_db"] == pytest.approx(10 * np.log10((r ** 2).sum() / ((r - g) ** 2).sum()), abs=0.01)
+    assert acc["outputs"][0]["cosine"] == pytest.approx((r * g).sum() / np.linalg.norm(r) / np.linalg.norm(g), abs=1e-6)
+    unverified = effc.compile(str(default_model[0]), tmp_path / "n", passes=["int8"], target="ort", verify=False)
+    assert unverified.accuracy_vs_eager["measured_on"] == "graph"
+    assert unverified.accuracy_vs_eager["outputs"][0]["sqnr_db"] > acc["outputs"][0]["sqnr_db"] + 0.2
