@@ -82,6 +82,7 @@ class PassResult:
     changed: bool
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rules: dict[str, int] = field(default_factory=dict)  # "<pass>/<rule>" -> nodes it rewrote (passes/rewrite.py)
 
 
 @dataclass
