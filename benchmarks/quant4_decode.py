@@ -28,8 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import effc  # noqa: E402
 from effc import native  # noqa: E402
-from effc.int4 import pack, rtn  # noqa: E402
-from effc.nf4 import dequantize_absmax, quantize_nf4  # noqa: E402
+from effc.formats.nbits import pack, rtn  # noqa: E402
+from effc.formats.nf4 import dequantize_absmax, quantize_nf4  # noqa: E402
 from effc.runtime import open as open_artifact  # noqa: E402
 
 

@@ -5,7 +5,7 @@ built library into the artifact, so the machine that runs it needs no compiler.
 Ops (namespace effc_native):
   nf4_linear(...)       same arguments and result as effc::nf4_linear, without the float weight
   nf4_kernel_isa(str)   which SIMD path runs ("" asks; "auto", "scalar", "avx2", "avx512" set it)
-  nf4_tables()          the NF4 and double-quant code tables compiled in (checked against effc.nf4)
+  nf4_tables()          the NF4 and double-quant code tables compiled in (checked against effc.formats.nf4)
 """
 
 from __future__ import annotations
@@ -65,10 +65,15 @@ def load(log=None) -> Path:
         # Loading a second copy (e.g. an artifact's, opened first) would register the ops again and abort.
         if not registered("effc_native::nf4_linear"):
             torch.ops.load_library(str(path))
-        torch.library.register_fake("effc_native::nf4_linear")(_nf4_linear_fake)
+        for kernel, fake in native_fakes().items():
+            torch.library.register_fake(kernel)(fake)
         _loaded = path
     return _loaded
 
 
-def _nf4_linear_fake(x, packed, absmax, absmax2, offset, bias, out_features, in_features, block, dq_block):
-    return x.new_empty(*x.shape[:-1], out_features)
+def native_fakes() -> dict:
+    """Native kernel name -> the fake of the effc op it stands in for (the same schema, so the same shapes)."""
+    from effc.ops.registry import OPS
+
+    return {op.translations["torch"]: op.fake for op in OPS.values()
+            if isinstance(op.translations.get("torch"), str) and op.translations["torch"].startswith("effc_native::")}

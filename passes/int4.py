@@ -1,4 +1,4 @@
-"""int4: uniform 4-bit block-wise linear weights (effc.int4), by round-to-nearest, GPTQ or AWQ.
+"""int4: uniform 4-bit block-wise linear weights (effc.formats.nbits), by round-to-nearest, GPTQ or AWQ.
 
 gptq and awq need calibration samples (--calib-data), streamed through the float model (padding
 positions left out). GPTQ: each layer's Hessian H = 2 X^T X, then columns quantized with error
@@ -16,7 +16,8 @@ from typing import Literal
 import torch
 
 from effc.errors import EffcError
-from effc.int4 import dequantize, gptq, pack, rtn, storage_bits
+import effc.ops  # noqa: F401  (registers torch.ops.effc.*)
+from effc.formats.nbits import dequantize, gptq, pack, rtn, storage_bits
 from effc.passes.base import Level, Need, Pass, PassConfig, PassContext, PassResult
 from effc.passes.layers import replace, select, unmatched_notes, weights_by_node
 from effc.passes.program import add_parameter, call, drop_unused_weights, edit, module_name, rebuild

@@ -18,7 +18,8 @@ from typing import Literal
 import torch
 
 from effc.errors import EffcError
-from effc.ops import quantize_rows, quantize_weight_per_channel
+import effc.ops  # noqa: F401  (registers torch.ops.effc.*)
+from effc.formats.int8 import quantize_rows, quantize_weight_per_channel
 from effc.passes.base import Level, Need, Pass, PassConfig, PassContext, PassResult
 from effc.passes.layers import replace, select, unmatched_notes, weights_by_node
 from effc.passes.program import add_parameter, call, drop_unused_weights, edit, rebuild
@@ -42,7 +43,7 @@ class Int8Config(PassConfig):
     # Keep the layers that add the most error in float until every output's mean cosine similarity to
     # the float model (per position, padding left out) is >= 1 - auto_exclude. Measured on --calib-data.
     auto_exclude: float | None = None
-    # How weight codes use the 8-bit range (effc.ops.WEIGHT_RANGES): pairs (default) is exact on every x86
+    # How weight codes use the 8-bit range (effc.formats.int8.WEIGHT_RANGES): pairs (default) is exact on every x86
     # CPU; 7bit is ONNX Runtime's reduce_range; full needs a VNNI CPU, which the artifact then records.
     weight_range: Literal["pairs", "7bit", "full"] = "pairs"
 

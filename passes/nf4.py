@@ -1,4 +1,4 @@
-"""nf4: QLoRA's 4-bit NormalFloat weights for linear layers (effc.nf4: bitsandbytes' codes, packing and
+"""nf4: QLoRA's 4-bit NormalFloat weights for linear layers (effc.formats.nf4: bitsandbytes' codes, packing and
 double quantization, bit for bit). Each chosen linear becomes effc::nf4_linear, which dequantizes to
 float32 for the matmul. Embeddings and the LM head stay in float unless asked (QLoRA's recipe: the
 output projection is the most sensitive layer and, with tied embeddings, shares the table).
@@ -12,9 +12,8 @@ from typing import Literal
 import torch
 
 from effc.errors import EffcError
-from effc.int4 import dequantize
-from effc.nf4 import (NF4_CODE, dequantize_absmax, dequantize_nf4, quantize_nf4, storage_bits_per_param,
-                       unpack_nibbles)
+import effc.ops  # noqa: F401  (registers torch.ops.effc.*)
+from effc.formats.nf4 import quantize_nf4, storage_bits_per_param, to_int8_blocks
 from effc.passes.base import Level, Pass, PassConfig, PassContext, PassResult
 from effc.passes.layers import replace, select, unmatched_notes, weights_by_node
 from effc.passes.program import add_parameter, call, drop_unused_weights, edit, rebuild
@@ -125,11 +124,7 @@ class Nf4(Pass[Nf4Config]):
         block along K. Returns the new node and the relative RMS difference from the NF4 weight."""
         n, k = state["shape"]
         block = self.config.block
-        codes = unpack_nibbles(state["packed"], n * k).long()
-        q8 = (torch.round(NF4_CODE[codes] * 127) + 128).to(torch.uint8).reshape(n, k // block, block)
-        scales = (dequantize_absmax(state).float() / 127).reshape(n, k // block)
-        nf4_w = dequantize_nf4(state)
-        diff = float((dequantize(q8, scales, None, k, block, 8) - nf4_w).norm() / nf4_w.norm().clamp(min=1e-30))
+        q8, scales, diff = to_int8_blocks(state)
         args = [add_parameter(gm, signature, state_dict, f"{name}.weight_int8_blocks", q8.contiguous()),
                 add_parameter(gm, signature, state_dict, f"{name}.weight_scales", scales.contiguous()), None]
         with gm.graph.inserting_before(node):

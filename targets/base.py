@@ -27,14 +27,17 @@ class BuildResult:
 class Target:
     name: ClassVar[str]
     summary: ClassVar[str]
+    column: ClassVar[str]  # which translation of each effc op it takes (effc.ops.registry)
 
     def available(self) -> str | None:
         """None when this target can build here, else the reason it cannot."""
         return None
 
     def translations(self) -> dict:
-        """effc custom op -> this target's translation function (onnxscript for ONNX targets)."""
-        return {}
+        """effc custom op -> this target's translation (the op registry's `column`)."""
+        from effc.ops import registry
+
+        return registry.translations(self.column)
 
     def build(self, program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor],
               output_names: list[str], dynamic: dict[str, dict[int, str]], out_dir: Path,

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.defs import OpSchema
 from onnxscript.values import Opset
 
-from effc.int4 import unpack
+from effc.formats.nbits import pack_nibbles, unpack
 
 DOMAIN = "effc.internal"
 OPSET = 21  # DequantizeLinear's block_size and the 4-bit types
@@ -40,11 +40,8 @@ def _codes(packed: np.ndarray, n: int, width: int, bits: int) -> np.ndarray:
 def _tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> TensorProto:
     if bits == 8:
         return numpy_helper.from_array(values.astype(np.int8 if signed else np.uint8), name)
-    nibbles = (values.astype(np.int16) & 15).astype(np.uint8).reshape(-1)
-    if nibbles.size % 2:
-        nibbles = np.append(nibbles, 0)
     t = TensorProto(name=name, data_type=TensorProto.INT4 if signed else TensorProto.UINT4, dims=values.shape)
-    t.raw_data = (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()  # ONNX packs element 2i in the low nibble
+    t.raw_data = pack_nibbles(torch.from_numpy(values.reshape(-1))).numpy().tobytes()  # flat, as ONNX packs 4 bits
     return t
 
 

@@ -14,11 +14,7 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 class OnnxTarget(Target):
     name = "onnx"
     summary = "portable ONNX (standard opset only)"
-
-    def translations(self) -> dict:
-        from effc.targets import lowering
-
-        return lowering.PORTABLE
+    column = "onnx"
 
     def build(self, program, inputs, output_names, dynamic, out_dir: Path,
               overridable: frozenset[str] = frozenset()) -> BuildResult:

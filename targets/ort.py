@@ -21,11 +21,15 @@ CPU_DISABLED_FUSIONS = ["SkipLayerNormFusion"]
 class OrtTarget(Target):
     name = "ort"
     summary = "ONNX Runtime: ORT-optimized graph, contrib ops allowed"
+    column = "ort"
 
     def translations(self) -> dict:
-        from effc.targets import lowering
+        import torch
 
-        return lowering.ORT
+        from effc.targets.attention import sdpa_to_multihead_attention
+
+        return {torch.ops.aten.scaled_dot_product_attention.default: sdpa_to_multihead_attention,
+                **super().translations()}
 
     def build(self, program, inputs, output_names, dynamic, out_dir: Path,
               overridable: frozenset[str] = frozenset()) -> BuildResult:

@@ -21,14 +21,13 @@ from effc.errors import EffcError
 from effc.passes.program import edit, rebuild
 from effc.targets.base import BuildResult, Target
 
-# effc op -> the native op with the same schema that replaces it in this target.
-NATIVE = {"effc::nf4_linear": "effc_native::nf4_linear"}
 LIBRARY = "ops/effc_native.so"
 
 
 class TorchTarget(Target):
     name = "torch"
     summary = "PyTorch AOTInductor package (.pt2) with effc's C++ kernels (exact fast NF4)"
+    column = "torch"
 
     def available(self) -> str | None:
         # AOTInductor and effc.native both compile C++ at build time (running the artifact needs neither).
@@ -42,7 +41,7 @@ class TorchTarget(Target):
         if overridable:
             raise EffcError("switchable adapters are fed as ONNX graph inputs; use --target ort or onnx, "
                             "or merge_lora.mode=merge")
-        program, native_ops = lower(program)
+        program, native_ops = lower(program, self.translations())
         files, info = ["model.pt2"], {"torch": torch.__version__}
         if native_ops:
             from effc import native
@@ -66,16 +65,17 @@ class TorchTarget(Target):
                            outputs=_describe_outputs(program, inputs, dynamic, output_names), ops=dict(ops.most_common()))
 
 
-def lower(program: torch.export.ExportedProgram) -> tuple[torch.export.ExportedProgram, dict[str, int]]:
-    """effc ops -> their native kernels. Returns the new program and how many of each were replaced."""
-    uses = {str(n.target.name()) for n in program.graph.nodes
-            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-            and n.target.namespace == "effc"}
-    missing = sorted(uses - set(NATIVE))
-    if missing:
-        raise EffcError(f"the torch target has no kernel for {', '.join(missing)}; use --target ort or onnx "
-                        "for these passes (the torch target runs: " + ", ".join(NATIVE) + ")")
-    if not uses:
+def lower(program: torch.export.ExportedProgram,
+          translations: dict) -> tuple[torch.export.ExportedProgram, dict[str, int]]:
+    """effc ops -> their torch-column translations (effc.ops.registry; check_target has refused ops without
+    one): a decomposition into aten ops, or the native kernel with the same schema, swapped in. Returns the
+    new program and how many calls of each native kernel it has."""
+    used = {n.target for n in program.graph.nodes if n.op == "call_function" and n.target in translations}
+    decompose = {o: translations[o] for o in used if callable(translations[o])}
+    if decompose:
+        program = program.run_decompositions(decompose)
+    native_ops = {o: translations[o] for o in used if isinstance(translations[o], str)}
+    if not native_ops:
         return program, {}
     from effc import native
 
@@ -83,9 +83,10 @@ def lower(program: torch.export.ExportedProgram) -> tuple[torch.export.ExportedP
     gm, signature, state_dict, constants = edit(program)
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and str(getattr(node.target, "name", lambda: "")()) in NATIVE:
-            name = NATIVE[node.target.name()]
-            node.target = getattr(torch.ops.effc_native, name.split("::")[1]).default
+        if node.op == "call_function" and node.target in native_ops:
+            name = native_ops[node.target]
+            namespace, _, op_name = name.partition("::")
+            node.target = getattr(getattr(torch.ops, namespace), op_name).default
             counts[name] = counts.get(name, 0) + 1
     return rebuild(program, gm, signature, state_dict, constants), counts
 

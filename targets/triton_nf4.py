@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from effc.nf4 import DYNAMIC_MAP_SIGNED, NF4_CODE
+from effc.formats.nf4 import DYNAMIC_MAP_SIGNED, NF4_CODE
 
 # Codebook lookup strategies (LUT_MODE constexpr). Default GATHER: in the SASS of the main loop
 # it needs the fewest instructions on sm_80 and sm_90 (NOTES.md has the counts).

@@ -21,7 +21,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import effc
-import effc.ops
+import effc.formats.int8
 from effc.errors import EffcError
 from effc.runtime import cpu
 from tests.passes.test_int8 import numpy_weight_codes
@@ -128,7 +128,7 @@ def test_ort_int8_kernels_match_numpy_on_this_cpu(weight_range):
     """effc's default weight codes, with a row at full magnitude: every lowering within one step of numpy
     on whatever CPU this is (AVX2 or AVX-512/VNNI)."""
     x, w = inputs()
-    q, ws = effc.ops.quantize_weight_per_channel(torch.from_numpy(w), weight_range)
+    q, ws = effc.formats.int8.quantize_weight_per_channel(torch.from_numpy(w), weight_range)
     q, ws = q.numpy(), ws.numpy()
     if weight_range == "7bit":
         assert np.abs(q[:, 0]).min() == 63  # the full-magnitude row at the top of the range
@@ -147,7 +147,7 @@ def test_full_range_weights_cost_pairs_little():
     w = torch.from_numpy(w[1:])
 
     def sqnr(weight_range):
-        q, s = effc.ops.quantize_weight_per_channel(w, weight_range)
+        q, s = effc.formats.int8.quantize_weight_per_channel(w, weight_range)
         err = q.t().double() * s[:, None].double() - w.double()
         return float(10 * torch.log10((w.double() ** 2).sum() / (err ** 2).sum()))
 
@@ -159,7 +159,7 @@ def test_full_range_is_exact_with_vnni():
     if not VNNI:
         pytest.skip("this CPU has no VNNI: full-range int8 saturates here (test_full_range_saturates_without_vnni)")
     x, w = inputs()
-    q, ws = effc.ops.quantize_weight_per_channel(torch.from_numpy(w), "full")
+    q, ws = effc.formats.int8.quantize_weight_per_channel(torch.from_numpy(w), "full")
     for name, steps in worst_steps(x, q.numpy(), ws.numpy()).items():
         assert steps <= 1.0, name
 
@@ -170,7 +170,7 @@ def test_full_range_saturates_without_vnni():
         pytest.skip("needs an x86 CPU without VNNI (this one computes full-range int8 exactly); "
                     "test_emulated_avx2_cpu shows it under qemu")
     x, w = inputs()
-    q, ws = effc.ops.quantize_weight_per_channel(torch.from_numpy(w), "full")
+    q, ws = effc.formats.int8.quantize_weight_per_channel(torch.from_numpy(w), "full")
     assert max(worst_steps(x, q.numpy(), ws.numpy()).values()) > 100
 
 
@@ -200,7 +200,7 @@ def test_emulated_avx2_cpu(tmp_path):
     x, w = inputs()
     codes = {}
     for weight_range in ("full", "pairs", "7bit"):
-        q, s = effc.ops.quantize_weight_per_channel(torch.from_numpy(w), weight_range)
+        q, s = effc.formats.int8.quantize_weight_per_channel(torch.from_numpy(w), weight_range)
         codes[weight_range + "_q"], codes[weight_range + "_s"] = q.numpy(), s.numpy()
     np.savez(tmp_path / "codes.npz", **codes)
     (tmp_path / "emulated.py").write_text(EMULATED)

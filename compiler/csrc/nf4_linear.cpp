@@ -26,7 +26,7 @@
 namespace {
 
 // NF4 values and bitsandbytes' signed 8-bit dynamic map, exactly (hex floats written from
-// effc.nf4.NF4_CODE and DYNAMIC_MAP_SIGNED; tests/passes/test_nf4_native.py checks they agree).
+// effc.formats.nf4.NF4_CODE and DYNAMIC_MAP_SIGNED; tests/passes/test_nf4_native.py checks they agree).
 alignas(64) const float kNF4[16] = {
     -0x1.0000000000000p+0f, -0x1.6473620000000p-1f, -0x1.0cd6600000000p-1f, -0x1.9465400000000p-2f,
     -0x1.23449a0000000p-2f, -0x1.7a6a7e0000000p-3f, -0x1.74f0e20000000p-4f, 0x0.0p+0f,

@@ -1,4 +1,5 @@
-"""Uniform 4-bit block-wise weights: round-to-nearest and GPTQ, in ONNX Runtime's MatMulNBits layout.
+"""ONNX Runtime's MatMulNBits block layout (4- and 8-bit codes in blocks along K), and uniform 4-bit
+quantization into it: round-to-nearest and GPTQ.
 
 Blocks run along K (the input features) for each output row: weight[n, k] = (q[n, k] - zero[n, k // B])
 * scale[n, k // B]. Symmetric: scale = absmax / 7, zero point 8 (codes 1..15); asymmetric: the block's
@@ -100,15 +101,17 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, block: int, symmetric: boo
 def pack(codes: torch.Tensor, zeros: torch.Tensor, block: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """MatMulNBits' layout: codes [N, K/B, B/2] (even k in the low nibble); zero points packed low nibble
     first [N, ceil(K/B / 2)], or None for symmetric (MatMulNBits' default zero point is 8)."""
-    n = codes.shape[0]
-    c = codes.to(torch.uint8).reshape(n, -1, block)
-    packed = c[..., 0::2] | (c[..., 1::2] << 4)
-    if symmetric:
-        return packed.contiguous(), None
-    z = zeros.to(torch.uint8)
-    if z.shape[1] % 2:
-        z = torch.nn.functional.pad(z, (0, 1), value=8)
-    return packed.contiguous(), (z[:, 0::2] | (z[:, 1::2] << 4)).contiguous()
+    packed = pack_nibbles(codes.reshape(codes.shape[0], -1, block))
+    return packed, None if symmetric else pack_nibbles(zeros, fill=8)
+
+
+def pack_nibbles(values: torch.Tensor, fill: int = 0) -> torch.Tensor:
+    """Two 4-bit values per byte along the last dim, element 2i in the LOW nibble (MatMulNBits and ONNX's
+    INT4/UINT4 alike); signed values go in as two's complement. An odd last dim is padded with `fill`."""
+    v = (values.to(torch.int16) & 15).to(torch.uint8)
+    if v.shape[-1] % 2:
+        v = torch.nn.functional.pad(v, (0, 1), value=fill)
+    return (v[..., 0::2] | (v[..., 1::2] << 4)).contiguous()
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, in_features: int,
@@ -138,29 +141,9 @@ def storage_bits(n: int, k: int, block: int, symmetric: bool) -> float:
     return 8 * nbytes / (n * k)
 
 
-def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Symmetric int8 per block of `block` along the last dim (absmax / 127, round half to even), returned
-    dequantized: what MatMulNBits does to its input at accuracy_level 4 (matched to 1e-6 here)."""
-    k = x.shape[-1]
-    padded = torch.nn.functional.pad(x.float(), (0, _blocks(k, block) * block - k))
-    xb = padded.reshape(*x.shape[:-1], -1, block)
-    scale = xb.abs().amax(-1, keepdim=True) / 127
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return (torch.round(xb / scale) * scale).reshape(padded.shape)[..., :k].to(x.dtype)
-
-
-@torch.library.custom_op("effc::nbits_linear", mutates_args=())
-def nbits_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
-                 bias: torch.Tensor | None, in_features: int, block: int, bits: int,
-                 int8_activations: bool) -> torch.Tensor:
-    """y = x @ W^T + bias with W 4- or 8-bit block-wise (MatMulNBits' layout), dequantized to float32;
-    with int8_activations, x is quantized per block at run time as well (the faster integer kernel)."""
-    if int8_activations:
-        x = quantize_activations(x, block)
-    y = x @ dequantize(packed, scales, zero_points, in_features, block, bits).t().to(x.dtype)
-    return y if bias is None else y + bias
-
-
-@nbits_linear.register_fake
-def _(x, packed, scales, zero_points, bias, in_features, block, bits, int8_activations):
-    return x.new_empty(*x.shape[:-1], scales.shape[0])
+def largest_block(k: int) -> int:
+    """The largest block MatMulNBits takes (a power of two, 16..128) that divides K."""
+    for block in (128, 64, 32, 16):
+        if k % block == 0:
+            return block
+    raise ValueError(f"MatMulNBits needs K divisible by 16, got {k}")

@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from effc.formats.nbits import dequantize
+
 # --------------------------------------------------------------------------
 # Code tables
 # --------------------------------------------------------------------------
@@ -300,12 +302,10 @@ def storage_bits_per_param(state: dict) -> float:
     return nbytes * 8 / n
 
 
-# --------------------------------------------------------------------------
-# The graph op: a linear layer with NF4 weights
-# --------------------------------------------------------------------------
-
-
-def _state(packed, absmax, absmax2, offset, out_features: int, in_features: int, block: int, dq_block: int) -> dict:
+def linear_state(packed, absmax, absmax2, offset, out_features: int, in_features: int, block: int,
+                 dq_block: int) -> dict:
+    """The state dict of an NF4 weight from effc::nf4_linear's arguments (`absmax` is the float block absmax,
+    or with double quantization its 8-bit codes, absmax2 and offset then given)."""
     state = {"packed": packed, "shape": (out_features, in_features), "block": block, "dq_block": dq_block}
     if absmax2 is None:
         state["absmax"] = absmax
@@ -314,18 +314,15 @@ def _state(packed, absmax, absmax2, offset, out_features: int, in_features: int,
     return state
 
 
-@torch.library.custom_op("effc::nf4_linear", mutates_args=())
-def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
-               offset: torch.Tensor | None, bias: torch.Tensor | None, out_features: int, in_features: int,
-               block: int, dq_block: int) -> torch.Tensor:
-    """y = x @ W^T + bias with W stored as NF4 (bitsandbytes layout) and dequantized in float32 for the
-    matmul, as QLoRA computes. `absmax` is the float block absmax, or with double quantization its
-    8-bit codes (then absmax2 and offset are given)."""
-    w = dequantize_nf4(_state(packed, absmax, absmax2, offset, out_features, in_features, block, dq_block))
-    y = x @ w.t().to(x.dtype)
-    return y if bias is None else y + bias
-
-
-@nf4_linear.register_fake
-def _(x, packed, absmax, absmax2, offset, bias, out_features, in_features, block, dq_block):
-    return x.new_empty(*x.shape[:-1], out_features)
+def to_int8_blocks(state: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """NF4 re-expressed as MatMulNBits 8-bit blocks along K (state's block, K a multiple of it): codes
+    round(127 * nf4[c]) + 128 as uint8 [N, K/B, B], scales absmax / 127 [N, K/B], and the relative RMS
+    difference of that weight from the NF4 weight."""
+    n, k = state["shape"]
+    block = state["block"]
+    codes = unpack_nibbles(state["packed"], n * k).long()
+    q8 = (torch.round(NF4_CODE[codes] * 127) + 128).to(torch.uint8).reshape(n, k // block, block)
+    scales = (dequantize_absmax(state).float() / 127).reshape(n, k // block)
+    nf4_w = dequantize_nf4(state)
+    diff = float((dequantize(q8, scales, None, k, block, 8) - nf4_w).norm() / nf4_w.norm().clamp(min=1e-30))
+    return q8, scales, diff

@@ -11,7 +11,7 @@ import torch
 
 import effc
 from effc.errors import EffcError
-from effc.int4 import dequantize, gptq, pack, rtn
+from effc.formats.nbits import dequantize, gptq, pack, rtn
 from effc.passes.base import Need
 from effc.passes.registry import resolve
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import effc
-import effc.ops  # noqa: F401
+import effc.formats.int8
 from effc.errors import EffcError
 from effc.passes.base import PassContext
 from effc.passes.int8 import Int8, Int8Config
@@ -43,7 +43,7 @@ def test_reference_op_matches_formulas():
     x = rng.standard_normal((3, 7, 64)).astype(np.float32)
     w = rng.standard_normal((32, 64)).astype(np.float32)
     want, w_scale, wq = numpy_dynamic_quant_matmul(x, w)
-    q, scale = effc.ops.quantize_weight_per_channel(torch.from_numpy(w))
+    q, scale = effc.formats.int8.quantize_weight_per_channel(torch.from_numpy(w))
     assert np.array_equal(q.numpy().T, wq) and np.allclose(scale.numpy(), w_scale, rtol=1e-6)
     got = torch.ops.effc.int8_linear_dynamic(torch.from_numpy(x), q, scale).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -62,7 +62,7 @@ def test_ort_kernel_matches_reference_op():
     x = np.maximum(rng.standard_normal((2, 9, 256)), 0).astype(np.float32)
     x[..., :3] *= 25  # outlier features, as in real transformer activations
     w = (rng.standard_normal((96, 256)) * 0.05).astype(np.float32)
-    q, scale = effc.ops.quantize_weight_per_channel(torch.from_numpy(w))
+    q, scale = effc.formats.int8.quantize_weight_per_channel(torch.from_numpy(w))
     node = helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s"], ["y"], domain="com.microsoft")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
@@ -130,7 +130,7 @@ def test_int8_embedding_matches_formula():
     rng = np.random.default_rng(1)
     table = rng.standard_normal((50, 16)).astype(np.float32)
     ids = rng.integers(0, 50, (3, 7))
-    q, scale = effc.ops.quantize_rows(torch.from_numpy(table))
+    q, scale = effc.formats.int8.quantize_rows(torch.from_numpy(table))
     row_scale = np.abs(table).max(1) / 127
     want = np.clip(np.round(table / row_scale[:, None]), -127, 127)[ids] * row_scale[ids][..., None]
     got = torch.ops.effc.int8_embedding(torch.from_numpy(ids), q, scale).numpy()
@@ -166,7 +166,7 @@ def test_static_reference_op_matches_quantize_linear_formula():
     xq = np.clip(np.round(x / x_scale), -128, 127).astype(np.int64)
     wq, w_scale = numpy_weight_codes(w)
     want = (xq @ wq.T) * (np.float64(x_scale) * w_scale)
-    q, scale = effc.ops.quantize_weight_per_channel(torch.from_numpy(w))
+    q, scale = effc.formats.int8.quantize_weight_per_channel(torch.from_numpy(w))
     got = torch.ops.effc.int8_linear_static(torch.from_numpy(x), torch.tensor(x_scale), q, scale).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import effc
-import effc.ops  # noqa: F401
+import effc.formats.int8
 from effc.errors import EffcError
 from effc.passes.registry import resolve
 from effc.passes.smoothquant import factors
@@ -42,7 +42,7 @@ def test_per_token_reference_matches_formula():
     xq = np.round(x / x_scale).astype(np.int64)
     wq, w_scale = numpy_weight_codes(w)
     want = (xq @ wq.T) * (x_scale.astype(np.float64) * w_scale)
-    q, scale = effc.ops.quantize_weight_per_channel(torch.from_numpy(w))
+    q, scale = effc.formats.int8.quantize_weight_per_channel(torch.from_numpy(w))
     got = torch.ops.effc.int8_linear_per_token(torch.from_numpy(x), q, scale).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # per-token keeps the small row accurate where one scale for the tensor cannot
@@ -57,7 +57,7 @@ def test_weight_only_reference_matches_formula():
     x = rng.standard_normal((4, 32)).astype(np.float32)
     w = rng.standard_normal((8, 32)).astype(np.float32)
     wq, w_scale = numpy_weight_codes(w, "full")  # no int8 GEMM: the pass keeps the full range
-    q, scale = effc.ops.quantize_weight_per_channel(torch.from_numpy(w), "full")
+    q, scale = effc.formats.int8.quantize_weight_per_channel(torch.from_numpy(w), "full")
     got = torch.ops.effc.int8_linear_weight_only(torch.from_numpy(x), q, scale).numpy()
     np.testing.assert_allclose(got, x @ (wq * w_scale[:, None]).T, rtol=1e-5, atol=1e-5)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import effc
-from effc.nf4 import DYNAMIC_MAP_SIGNED, NF4_CODE, dequantize_absmax, dequantize_nf4, quantize_nf4
+from effc.formats.nf4 import DYNAMIC_MAP_SIGNED, NF4_CODE, dequantize_absmax, dequantize_nf4, quantize_nf4
 
 # QLoRA (Dettmers et al. 2023), appendix: the 16 NF4 values.
 PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -102,7 +102,7 @@ def test_double_quantized_absmax_within_one_step():
 
 def test_storage_bits():
     """QLoRA's numbers: 4 bits + 8/64 (absmax codes) + 32/(64*256) (absmax2) = 4.127 bits per weight."""
-    from effc.nf4 import storage_bits_per_param
+    from effc.formats.nf4 import storage_bits_per_param
 
     w = torch.randn(4096, 1024)
     assert storage_bits_per_param(quantize_nf4(w)) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-3)

@@ -1,7 +1,7 @@
 """effc_native::nf4_linear, the C++ NF4 kernel: every SIMD path this CPU has against the reference op
 effc::nf4_linear (dequantize in float32, then matmul), over decode (GEMV) and prefill (tiled GEMM)
 shapes, blocks that straddle rows, odd K, with and without double quantization; its tables against
-effc.nf4; and its fake implementation under torch.export with a dynamic batch."""
+effc.formats.nf4; and its fake implementation under torch.export with a dynamic batch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 from effc import native
 from effc.errors import EffcError
-from effc.nf4 import DYNAMIC_MAP_SIGNED, NF4_CODE, nf4_linear, quantize_nf4
+from effc.formats.nf4 import DYNAMIC_MAP_SIGNED, NF4_CODE, quantize_nf4
+from effc.ops.nf4_linear import nf4_linear
 
 try:
     native.load()

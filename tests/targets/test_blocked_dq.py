@@ -1,6 +1,6 @@
 """blocked_dq.to_standard: the placeholder over MatMulNBits-layout codes becomes standard opset-21
 DequantizeLinear (INT4/UINT4, INT8/UINT8, block_size along K) + MatMul; ONNX Runtime's result equals
-x @ effc.int4.dequantize(...)^T, for symmetric and asymmetric codes, odd block counts and padded K."""
+x @ effc.formats.nbits.dequantize(...)^T, for symmetric and asymmetric codes, odd block counts and padded K."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from effc.int4 import dequantize, pack, rtn
+from effc.formats.nbits import dequantize, pack, rtn
 from effc.targets import blocked_dq
 
 

@@ -1,4 +1,4 @@
-"""Numerics of effc.targets.triton_nf4 in Triton's CPU interpreter, against effc.nf4 (dequantize, then
+"""Numerics of effc.targets.triton_nf4 in Triton's CPU interpreter, against effc.formats.nf4 (dequantize, then
 a float32 matmul). Run by tests/targets/test_triton_nf4.py in a child process started with
 TRITON_INTERPRET=1: Triton reads it when it is first imported, and effc's other imports (peft,
 transformers) import triton early in the main test process."""
@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-import effc.nf4 as ref
+import effc.formats.nf4 as ref
+from effc.ops.nf4_linear import nf4_linear
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run by test_triton_nf4.py with TRITON_INTERPRET=1", allow_module_level=True)
@@ -103,7 +104,7 @@ def test_leading_dims_and_effc_op():
     torch.testing.assert_close(y, reference(x, st, b), **TOL[torch.float16])
     # Same contract as the graph op effc::nf4_linear (it rounds the matmul to fp16 before
     # adding the bias, the kernel adds the bias in fp32: up to ~2 ulp apart).
-    y_op = ref.nf4_linear(x, *q, b, N, K, 64, 256)
+    y_op = nf4_linear(x, *q, b, N, K, 64, 256)
     torch.testing.assert_close(y, y_op, rtol=4e-3, atol=4e-3)
 
 
