@@ -31,6 +31,11 @@ import triton.language as tl
 
 from effc.formats.nf4 import DYNAMIC_MAP_SIGNED, NF4_CODE
 
+# The NF4 table as compile-time constants for _nf4_select: float32 values held exactly in Python floats,
+# so the kernel's float32 immediates are the table itself.
+(_NF4_0, _NF4_1, _NF4_2, _NF4_3, _NF4_4, _NF4_5, _NF4_6, _NF4_7, _NF4_8, _NF4_9, _NF4_10, _NF4_11, _NF4_12, _NF4_13,
+ _NF4_14, _NF4_15) = (tl.constexpr(v) for v in NF4_CODE.tolist())
+
 # Codebook lookup strategies (LUT_MODE constexpr). Default GATHER: in the SASS of the main loop
 # it needs the fewest instructions on sm_80 and sm_90 (NOTES.md has the counts).
 LUT_SELECT = 0  # binary tree of selects on the code bits: ~10 FSEL per element, pure ALU
@@ -43,20 +48,19 @@ LUT_GATHER = 2  # tl.gather from the 16 values loaded once: lowered to one confl
 @triton.jit
 def _nf4_select(q):
     # Binary select tree on the 4 code bits: 8 + 4 + 2 + 1 selects whose leaves are
-    # immediates, so no memory traffic and no data-dependent addressing. The literals are
-    # the float32 NF4 values printed as decimals, so they round back to the exact table.
+    # immediates (the _NF4_i constants), so no memory traffic and no data-dependent addressing.
     b0 = (q & 1) != 0
     b1 = (q & 2) != 0
     b2 = (q & 4) != 0
     b3 = (q & 8) != 0
-    v01 = tl.where(b0, -0.6961928009986877, -1.0)
-    v23 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
-    v45 = tl.where(b0, -0.18477343022823334, -0.28444138169288635)
-    v67 = tl.where(b0, 0.0, -0.09105003625154495)
-    v89 = tl.where(b0, 0.16093020141124725, 0.07958029955625534)
-    vab = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
-    vcd = tl.where(b0, 0.5626170039176941, 0.44070982933044434)
-    vef = tl.where(b0, 1.0, 0.7229568362236023)
+    v01 = tl.where(b0, _NF4_1, _NF4_0)
+    v23 = tl.where(b0, _NF4_3, _NF4_2)
+    v45 = tl.where(b0, _NF4_5, _NF4_4)
+    v67 = tl.where(b0, _NF4_7, _NF4_6)
+    v89 = tl.where(b0, _NF4_9, _NF4_8)
+    vab = tl.where(b0, _NF4_11, _NF4_10)
+    vcd = tl.where(b0, _NF4_13, _NF4_12)
+    vef = tl.where(b0, _NF4_15, _NF4_14)
     v03 = tl.where(b1, v23, v01)
     v47 = tl.where(b1, v67, v45)
     v8b = tl.where(b1, vab, v89)

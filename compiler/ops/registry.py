@@ -71,4 +71,4 @@ def check_target(program: torch.export.ExportedProgram, target) -> None:
             raise EffcError(f"{name} is not registered in effc.ops.registry, so no target can run it; register it "
                             "with translations, or drop the pass that introduced it")
         raise EffcError(f"{name} has no translation for target {target.name}; targets that have it: {', '.join(have)} "
-                        f"(use --target {have[0]}, or drop the pass that introduced it)")
+                        f"(use --target {' or '.join(have)}, or drop the pass that introduced it)")
