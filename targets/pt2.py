@@ -2,7 +2,7 @@
 package, plus effc's C++ operator library (effc.native) when the graph uses it. It runs wherever the
 same torch version is installed, without Python model code or a compiler: `effc.runtime.open` loads the
 library, then the package. This is the target for kernels ONNX Runtime cannot host here (its C headers
-are not obtainable, REFERENCE.md): effc::nf4_linear runs as effc_native::nf4_linear, the exact NF4
+are not obtainable, docs/ONNXRUNTIME.md): effc::nf4_linear runs as effc_native::nf4_linear, the exact NF4
 GEMV that never builds the float weight.
 
 When AOTInductor cannot compile the program, the ExportedProgram itself is saved (torch.export.save)

@@ -47,8 +47,8 @@ def _nf4_absmax(absmax, absmax2, offset, dq_block: int):
 def nf4_linear_ort(x, packed, absmax, absmax2, offset, bias, out_features: int, in_features: int, block: int,
                    dq_block: int):
     """ONNX Runtime's MatMulBnb4 takes bitsandbytes' packing as is (first element in the high nibble) with
-    float absmax: exact NF4, but it dequantizes the whole weight on every call (REFERENCE.md: slower
-    than fp32 on CPU)."""
+    float absmax: exact NF4, but it dequantizes the whole weight on every call (docs/ONNXRUNTIME.md:
+    slower than fp32 on CPU)."""
     scales = _nf4_absmax(absmax, absmax2, offset, dq_block)
     codes = op.Reshape(packed, op.Constant(value_ints=[-1]))
     y = msft.MatMulBnb4(x, codes, scales, K=in_features, N=out_features, block_size=block, quant_type=1)
