@@ -1,6 +1,7 @@
-"""Run effc artifacts. ONNX artifacts need numpy and onnxruntime only, never torch; `torch` target
-artifacts need the torch version they were built with."""
+"""Run effc artifacts with the runner each manifest names (runtime/backends.py). ONNX artifacts need
+numpy and onnxruntime only, never torch; `torch` target artifacts need the torch version they were
+built with."""
 
-from effc.runtime.session import Session, TensorInfo, available_providers, open
+from effc.runtime.session import Session, TensorInfo, open
 
-__all__ = ["Session", "TensorInfo", "available_providers", "open"]
+__all__ = ["Session", "TensorInfo", "open"]

@@ -1,5 +1,5 @@
-"""Run an effc artifact: validate inputs against its metadata, then execute it on ONNX Runtime (or, for
-`torch` target artifacts, on PyTorch: runtime/torch_program.py)."""
+"""Run an effc artifact: validate inputs against its metadata, then execute it with the runner its
+manifest names (runtime/backends.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ import numpy as np
 
 from effc.errors import EffcError
 from effc.runtime import cpu
+from effc.runtime.backends import runner_class
 from effc.runtime.limits import check_feeds
 from effc.runtime.manifest import artifact_file, read_manifest
-
-# Execution providers in order of preference; only those present in this onnxruntime build are used.
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
 @dataclass(frozen=True)
@@ -26,13 +24,6 @@ class TensorInfo:
 
     def describe(self) -> str:
         return f"{self.name}: {self.dtype}[{', '.join(map(str, self.shape))}]"
-
-
-def available_providers() -> list[str]:
-    import onnxruntime as ort
-
-    have = set(ort.get_available_providers())
-    return [p for p in PREFERRED_PROVIDERS if p in have]
 
 
 class Session:
@@ -46,55 +37,17 @@ class Session:
         cpu.check(self.path, self.manifest)
         self.inputs = [TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in self.manifest["inputs"]]
         self.outputs = [TensorInfo(o["name"], o["dtype"], tuple(o["shape"])) for o in self.manifest["outputs"]]
-        self.providers = providers or []
         self._adapters = self.manifest.get("adapters") or {}
         self._weight_sets: dict[str, dict[str, np.ndarray]] = {}
         self.adapter = self._adapters.get("default")
         self.taps = list(taps)
-        if self.manifest["target"]["name"] == "torch":
-            if taps:
-                raise EffcError(f"{self.path} is a torch artifact; the layer-wise debugger reads ONNX artifacts "
-                                "(compile with --target ort or onnx)")
-            from effc.runtime.torch_program import TorchProgram
-
-            self._session = TorchProgram(self.path, self.manifest, threads, verified=verify_hashes)
-        else:
-            self._session = self._open_ort(threads)
-
-    def _open_ort(self, threads: int | None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # switchable adapters are overridable initializers by design
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        # Idle spinning workers steal a core from whatever runs next (REFERENCE.md, benchmarking on 2 cores).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # ORT fuses DequantizeLinear -> MatMul into MatMulNBits at accuracy level 4 by default, which
-        # quantizes the activations to int8: not what the graph says (weight-only int8 lost 10x accuracy).
-        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        if self.manifest["target"]["name"] == "ort":
-            # The graph was optimized at build time; doing it again only costs start-up.
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.providers = self.providers or available_providers()
-        model = artifact_file(self.path, self.manifest, self.manifest["model_file"], "model_file")
-        try:
-            return ort.InferenceSession(self._with_taps(model) if self.taps else str(model), sess_options=opts,
-                                        providers=self.providers)
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise EffcError(f"onnxruntime could not load {model}: {str(e).splitlines()[0]}") from None
-
-    def _with_taps(self, model: Path) -> bytes:
-        """The model with intermediate values (`taps`) as extra outputs, for the layer-wise debugger."""
-        import onnx
-
-        proto = onnx.load(str(model))
-        have = {o.name for o in proto.graph.output}
-        for name in self.taps:
-            if name not in have:
-                proto.graph.output.append(onnx.ValueInfoProto(name=name))
-        return proto.SerializeToString()
+        runner = runner_class(self.path, self.manifest)
+        if taps and not runner.taps:
+            raise EffcError(f"{self.path} runs on {self.manifest['runner']}, which cannot expose intermediate values; "
+                            "the layer-wise debugger reads ONNX artifacts (compile with --target ort or onnx)")
+        self._session = runner(self.path, self.manifest, threads=threads, providers=providers, taps=self.taps,
+                               verified=verify_hashes)
+        self.providers = self._session.providers
 
     def __enter__(self) -> Session:
         return self

@@ -1,10 +1,11 @@
-"""The backend for `torch` target artifacts: effc's op library, then the AOTInductor package (or the
-saved ExportedProgram). Only this module of the runtime imports torch, and only when such an artifact
-is opened."""
+"""The runner for `torch` target artifacts (.pt2): effc's op library, then the AOTInductor package (or
+the saved ExportedProgram). Only this module of the runtime imports torch, and only when such an
+artifact is opened (runtime/backends.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -24,13 +25,15 @@ def checked(root: Path, manifest: dict, field: str, rel: str) -> Path:
 
 
 class TorchProgram:
-    def __init__(self, root: Path, manifest: dict, threads: int | None = None, verified: bool = False):
+    taps: ClassVar[bool] = False  # an AOTInductor package computes its outputs only
+
+    def __init__(self, root: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None,
+                 taps: list[str] | tuple[str, ...] = (), verified: bool = False):
         """`verified`: every file's hash was checked when the manifest was read (the op library is hashed
-        again anyway, right before it is loaded)."""
-        try:
-            import torch
-        except ImportError:
-            raise EffcError(f"{root} is a torch artifact: install torch=={manifest['target']['torch']} to run it") from None
+        again anyway, right before it is loaded). `providers` are ONNX Runtime's; torch runs on the CPU."""
+        import torch
+
+        self.providers: list[str] = []
         info = manifest["target"]
         if info["torch"] != torch.__version__:
             # The op library and the AOTInductor package are built against one torch ABI.

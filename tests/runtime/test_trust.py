@@ -156,7 +156,7 @@ def test_onnx_external_data_outside_is_refused(tmp_path):
     onnx.save(proto, str(art / "model.onnx"))
     io = {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}],
           "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 4]}]}
-    write_manifest(art, {"target": {"name": "onnx"}, "model_file": "model.onnx", **io})
+    write_manifest(art, {"target": {"name": "onnx"}, "runner": "onnxruntime", "model_file": "model.onnx", **io})
     with pytest.raises(EffcError, match="onnxruntime could not load .*[Ee]xternal data"):
         open_artifact(art)
 
@@ -233,7 +233,7 @@ def _planted_torch_artifact(built, tmp_path) -> Path:
     (art / "ops" / "effc_native.so").write_bytes(b"\x7fELF the library that was built")
     manifest = read_manifest(built[0])
     target = {"name": "torch", "torch": torch.__version__, "format": "aoti", "native_library": "ops/effc_native.so"}
-    write_manifest(art, {"target": target, "model_file": "model.pt2", "inputs": manifest["inputs"],
+    write_manifest(art, {"target": target, "runner": "torch", "model_file": "model.pt2", "inputs": manifest["inputs"],
                          "outputs": manifest["outputs"]})
     return art
 
