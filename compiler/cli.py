@@ -143,8 +143,9 @@ def compile(model, output, adapters, passes, pass_config, target, input_shapes, 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and report as JSON.")
+@click.option("--provenance", is_flag=True, help="List each rewrite rule and the model.onnx nodes it made.")
 @_SIGNED
-def inspect(artifact, as_json, sign_key):
+def inspect(artifact, as_json, sign_key, provenance):
     """What is in ARTIFACT: inputs/outputs, operators, sizes, passes, verification.
 
     \b
@@ -157,6 +158,9 @@ def inspect(artifact, as_json, sign_key):
     report = json.loads((artifact / REPORT).read_text()) if (artifact / REPORT).is_file() else {}
     if as_json:
         click.echo(json.dumps({"manifest": manifest, "report": report}, indent=2))
+        return
+    if provenance:
+        _print_provenance(artifact, manifest)
         return
     src = manifest["source"]
     click.echo(f"artifact:  {artifact}  (format {manifest['format_version']}, effc {manifest['effc_version']}, {manifest['created']})")
@@ -195,6 +199,22 @@ def inspect(artifact, as_json, sign_key):
                                 f"(atol {v['atol']:g}, rtol {v['rtol']:g})" if v else "no (--no-verify)"))
     for o in (accuracy or {}).get("outputs", []):
         click.echo(f"accuracy:  {o['name']} of the {accuracy.get('measured_on', 'artifact')} vs eager fp32: cosine {o['cosine']:.5f}, SQNR {o['sqnr_db']:.1f} dB")
+
+
+def _print_provenance(artifact: Path, manifest: dict) -> None:
+    """The rules that made the artifact's nodes (the effc.provenance node metadata of model.onnx)."""
+    if not str(manifest.get("model_file", "")).endswith(".onnx"):
+        raise EffcError(f"{artifact} is a {manifest.get('model_file')} artifact: node provenance is recorded in "
+                        "model.onnx only (targets onnx and ort)")
+    import onnx
+
+    from effc.targets.onnx_export import provenance_summary
+
+    made = provenance_summary(onnx.load(str(artifact / manifest["model_file"]), load_external_data=False))
+    click.echo(f"{'rule':<28} {'nodes':>6}  ops")
+    for rule, ops in made.items():
+        click.echo(f"{rule or '(untagged)':<28} {sum(ops.values()):>6}  "
+                   + ", ".join(f"{op} x{n}" for op, n in ops.most_common()))
 
 
 @main.command()

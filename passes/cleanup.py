@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from effc.passes.base import Level, Pass, PassConfig, PassContext, PassResult
-from effc.passes.program import drop_unused_weights, edit, rebuild
+from effc.passes.rewrite import GraphEdit, Rule, apply_rules
 
 aten = torch.ops.aten
 ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
@@ -50,22 +50,25 @@ class Cleanup(Pass[CleanupConfig]):
     summary = "remove no-op casts, aliases, eval dropout, asserts, dead nodes and unused weights"
 
     def run(self, ep, ctx: PassContext) -> PassResult:
-        gm, signature, state_dict, constants = edit(ep)
-        graph = gm.graph
-        counts = {"no-op nodes removed": 0, "asserts removed": 0, "dead nodes removed": 0, "unused weights removed": 0}
-        for node in list(graph.nodes):
-            if node.op != "call_function":
-                continue
-            if self.config.remove_asserts and node.target in ASSERTS:
-                graph.erase_node(node)
-                counts["asserts removed"] += 1
-            elif _is_noop(node):
-                node.replace_all_uses_with(node.args[0])
-                graph.erase_node(node)
-                counts["no-op nodes removed"] += 1
+        edit = GraphEdit(ep, self.name)
+        graph = edit.graph
+
+        def erase(edit: GraphEdit, node: torch.fx.Node) -> None:
+            graph.erase_node(node)
+
+        def bypass(edit: GraphEdit, node: torch.fx.Node) -> None:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+        rules = [Rule("noop", _is_noop, bypass)]
+        if self.config.remove_asserts:
+            rules.insert(0, Rule("assert", lambda n: n.target in ASSERTS, erase))
+        apply_rules(edit, rules, [n for n in graph.nodes if n.op == "call_function"])
+        counts = {"no-op nodes removed": edit.rules["cleanup/noop"], "asserts removed": edit.rules["cleanup/assert"],
+                  "dead nodes removed": 0, "unused weights removed": 0}
         before = sum(1 for n in graph.nodes if n.op == "call_function")
         graph.eliminate_dead_code()
         counts["dead nodes removed"] = before - sum(1 for n in graph.nodes if n.op == "call_function")
-        counts["unused weights removed"] = drop_unused_weights(gm, signature, state_dict, constants)
-        changed = any(counts.values())
-        return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts)
+        edit.count("dead_code", counts["dead nodes removed"])
+        counts["unused weights removed"] = edit.drop_unused()
+        return edit.finish(counts, changed=any(counts.values()), dropped=None)

@@ -18,9 +18,10 @@ import torch
 from effc.errors import EffcError
 import effc.ops  # noqa: F401  (registers torch.ops.effc.*)
 from effc.formats.nbits import dequantize, gptq, pack, rtn, storage_bits
-from effc.passes.base import Level, Need, Pass, PassConfig, PassContext, PassResult
-from effc.passes.layers import replace, select, unmatched_notes, weights_by_node
-from effc.passes.program import add_parameter, call, drop_unused_weights, edit, module_name, rebuild
+from effc.passes.base import Capability, Level, Need, Pass, PassConfig, PassContext, PassResult
+from effc.passes.layers import LayerScan, bias, is_linear
+from effc.passes.program import module_name
+from effc.passes.rewrite import GraphEdit, Rule, apply_rules
 from effc.watch import watch
 from effc.passes.smoothquant import divide_input
 
@@ -53,7 +54,7 @@ class Int4(Pass[Int4Config]):
     level = Level.FX
     config_class = Int4Config
     summary = "uniform 4-bit block-wise linear weights: round-to-nearest, GPTQ or AWQ"
-    after = ("merge_lora",)
+    expects = frozenset({Capability.MERGED_WEIGHTS})
     exact = False
 
     def needs(self) -> set[Need]:
@@ -62,42 +63,35 @@ class Int4(Pass[Int4Config]):
     def run(self, ep, ctx: PassContext) -> PassResult:
         c = self.config
         stats = _input_stats(ep, ctx.data, hessians=c.method == "gptq") if c.method != "rtn" else None
-        gm, signature, state_dict, constants = edit(ep)
-        weights = weights_by_node(signature, state_dict)
-        exclude = c.exclude + (() if c.lm_head else ("lm_head", "*.lm_head"))
-        matched: set[str] = set()
-        counts = {"linear layers quantized": 0, "linear layers excluded": 0}
-        chosen: dict[torch.fx.Node, tuple[str, torch.Tensor]] = {}
-        for node in list(gm.graph.nodes):
-            if node.target is aten.linear.default:
-                w, name = select(weights, node.args[1], node, exclude, matched)
-                counts["linear layers excluded"] += w is None and name is not None
-                if w is not None:
-                    chosen[node] = (name, w.detach())
+        edit = GraphEdit(ep, self.name)
+        scan = LayerScan(self.name, c.exclude + (() if c.lm_head else ("lm_head", "*.lm_head")))
+        chosen = {n: (module_name(n), edit.weight(n.args[1]).detach()) for n in edit.select(scan.rule())}
+        counts = {"linear layers quantized": 0, "linear layers excluded": len(edit.refused.get(scan.excluded, []))}
         if c.method == "awq":
-            chosen, counts["AWQ scales folded into norms"] = self._awq(gm, signature, state_dict, chosen, stats)
+            with edit.made_by("awq_scales"):
+                chosen, counts["AWQ scales folded into norms"] = self._awq(edit, chosen, stats)
         bits = params = 0.0
-        for node, (name, w) in chosen.items():
+
+        def quantize(edit: GraphEdit, node: torch.fx.Node) -> torch.fx.Node:
+            nonlocal bits, params
+            name, w = chosen[node]
             if c.method == "gptq":
                 codes, scales, zeros = gptq(w, stats.hessians[name], c.block, c.symmetric, c.damp, c.act_order)
             else:
                 codes, scales, zeros = rtn(w, c.block, c.symmetric)
             packed, zero_points = pack(codes, zeros, c.block, c.symmetric)
-            args = [add_parameter(gm, signature, state_dict, f"{name}.weight_int4", packed),
-                    add_parameter(gm, signature, state_dict, f"{name}.weight_scales", scales.contiguous()),
-                    None if zero_points is None else add_parameter(gm, signature, state_dict,
-                                                                   f"{name}.weight_zero_points", zero_points)]
-            bias = node.args[2] if len(node.args) > 2 else None
-            with gm.graph.inserting_before(node):
-                new = call(gm.graph, torch.ops.effc.nbits_linear.default,
-                           (node.args[0], *args, bias, w.shape[1], c.block, 4, c.int8_activations))
-            replace(gm, node, new)
-            counts["linear layers quantized"] += 1
+            args = [edit.add_parameter(f"{name}.weight_int4", packed),
+                    edit.add_parameter(f"{name}.weight_scales", scales.contiguous()),
+                    None if zero_points is None else edit.add_parameter(f"{name}.weight_zero_points", zero_points)]
             bits += storage_bits(*w.shape, c.block, c.symmetric) * w.numel()
             params += w.numel()
+            return edit.call(torch.ops.effc.nbits_linear.default,
+                             (node.args[0], *args, bias(node), w.shape[1], c.block, 4, c.int8_activations))
+
+        counts["linear layers quantized"] = apply_rules(edit, [Rule(f"linear_{c.method}", is_linear, quantize)], chosen)
         if params:
             counts["int4 bits per quantized weight (codes + scales)"] = round(bits / params, 4)
-        notes = unmatched_notes("int4", c.exclude, matched)
+        notes = scan.notes(c.exclude)
         if c.method == "gptq":
             # Fewer calibration rows than input features: the Hessian is singular and GPTQ fits its
             # error feedback to the calibration subspace (held-out error can end up above RTN's).
@@ -106,11 +100,9 @@ class Int4(Pass[Int4Config]):
             if short:
                 notes.append(f"int4.method=gptq: {len(short)} layers saw fewer calibration tokens than their input "
                              f"features, e.g. {short[0]}; give more --calib-data / --calib-samples")
-        counts["float weights dropped"] = drop_unused_weights(gm, signature, state_dict, constants)
-        changed = counts["linear layers quantized"] > 0
-        return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
+        return edit.finish(counts, notes)
 
-    def _awq(self, gm, signature, state_dict, chosen, stats) -> tuple[dict, int]:
+    def _awq(self, edit: GraphEdit, chosen, stats) -> tuple[dict, int]:
         """Scale each group of layers reading one input (q/k/v, gate/up) by the searched s; returns the
         layers with their weights times s, and how many groups' 1/s went into a norm."""
         groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
@@ -122,11 +114,11 @@ class Int4(Pass[Int4Config]):
             name = chosen[linears[0]][0]
             s = awq_scales(stats.rows[name], stats.absmean[name], [chosen[n][1] for n in linears],
                            self.config.block, self.config.symmetric)
-            folded += divide_input(gm, signature, state_dict, x, linears, s, f"{name}.awq")
+            folded += divide_input(edit.gm, edit.signature, edit.state_dict, x, linears, s, f"{name}.awq")
             for n in linears:
                 out[n] = (chosen[n][0], (chosen[n][1].double() * s).float())
+        edit.count("awq_scales", len(groups))
         return out, folded
-
 
 AWQ_GRID = 20
 

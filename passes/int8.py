@@ -20,9 +20,10 @@ import torch
 from effc.errors import EffcError
 import effc.ops  # noqa: F401  (registers torch.ops.effc.*)
 from effc.formats.int8 import quantize_rows, quantize_weight_per_channel
-from effc.passes.base import Level, Need, Pass, PassConfig, PassContext, PassResult
-from effc.passes.layers import replace, select, unmatched_notes, weights_by_node
-from effc.passes.program import add_parameter, call, drop_unused_weights, edit, rebuild
+from effc.passes.base import Capability, Level, Need, Pass, PassConfig, PassContext, PassResult
+from effc.passes.layers import LayerScan, bias, is_linear
+from effc.passes.program import module_name
+from effc.passes.rewrite import GraphEdit, Rule, apply_rules
 from effc.passes.smoothquant import smooth
 
 aten = torch.ops.aten
@@ -71,7 +72,7 @@ class Int8(Pass[Int8Config]):
     level = Level.FX
     config_class = Int8Config
     summary = "int8 linear layers: per-channel weights, activations quantized at run time"
-    after = ("merge_lora",)
+    expects = frozenset({Capability.MERGED_WEIGHTS})
     exact = False
 
     def needs(self) -> set[Need]:
@@ -105,52 +106,57 @@ class Int8(Pass[Int8Config]):
         return result
 
     def _quantize(self, ep, ctx: PassContext, exclude: tuple[str, ...], alpha: float | None) -> PassResult:
-        gm, signature, state_dict, constants = edit(ep)
+        edit = GraphEdit(ep, self.name)
         ranges = ctx.calibration["tensors"] if ctx.calibration else {}
-        uncalibrated = []
-        weights = weights_by_node(signature, state_dict)
-        counts = {"linear layers quantized": 0, "linear layers excluded": 0, "embeddings quantized": 0}
-        matched: set[str] = set()
-        chosen: dict[torch.fx.Node, tuple[str, torch.Tensor]] = {}
-        for node in list(gm.graph.nodes):
-            if node.target is aten.embedding.default and self.config.embeddings:
-                self._embedding(gm, signature, state_dict, weights, node, counts, matched, exclude)
-                continue
-            if node.target is not aten.linear.default:
-                continue
-            w, name = select(weights, node.args[1], node, exclude, matched)
-            if w is None:
-                counts["linear layers excluded"] += name is not None
-            elif self.needs() and name not in ranges:
-                uncalibrated.append(name)
-            else:
-                chosen[node] = (name, w)
+        scan = LayerScan(self.name, exclude)
+        embedded = 0
+        if self.config.embeddings:
+            tables = LayerScan(self.name, exclude, weight_index=0)
+            tables.matched = scan.matched  # one set: a glob that matched a table matched something
+            embedded = apply_rules(edit, [Rule("embedding", _is_embedding, self._embedding, tables.check)])
+
+        def calibrated(edit: GraphEdit, node: torch.fx.Node) -> str | None:
+            return scan.check(edit, node) or (NO_RANGE if self.needs() and module_name(node) not in ranges else None)
+
+        chosen = edit.select(Rule("linear", is_linear, rewrite=None, check=calibrated))
+        layers = {n: (module_name(n), edit.weight(n.args[1])) for n in chosen}
+        counts = {"linear layers quantized": 0, "linear layers excluded": 0, "embeddings quantized": embedded}
+        counts["linear layers excluded"] = sum(is_linear(n) for n in edit.refused.get(scan.excluded, []))
         if alpha is not None:
-            smoothed = smooth(gm, signature, state_dict, chosen, ranges, alpha)
-            chosen = {n: (name, smoothed.weights.get(n, w)) for n, (name, w) in chosen.items()}
+            with edit.made_by("smoothquant"):
+                smoothed = smooth(edit.gm, edit.signature, edit.state_dict, layers, ranges, alpha)
+            edit.count("smoothquant", smoothed.folded + smoothed.explicit)
+            layers = {n: (name, smoothed.weights.get(n, w)) for n, (name, w) in layers.items()}
             ranges = {**ranges, **smoothed.stats}
             counts["SmoothQuant norms folded"] = smoothed.folded
             counts["SmoothQuant scales in the graph"] = smoothed.explicit
-        for node, (name, w) in chosen.items():
-            bias = node.args[2] if len(node.args) > 2 else None
-            x = node.args[0]
-            outliers = self._outliers(ranges.get(name))
-            with gm.graph.inserting_before(node):
-                if outliers is None:
-                    new = self._int8(gm, signature, state_dict, name, x, w, bias, ranges.get(name))
-                else:
-                    new = self._decompose(gm, signature, state_dict, name, node, x, w, bias, ranges[name], outliers)
-                    counts["outlier features kept in float"] = counts.get("outlier features kept in float", 0) + len(outliers)
-            replace(gm, node, new)
-            counts["linear layers quantized"] += 1
+        outlier_features = 0
+
+        def outliers(edit: GraphEdit, node: torch.fx.Node) -> str | None:
+            return None if self._outliers(ranges.get(layers[node][0])) is not None else "no outlier features"
+
+        def decompose(edit: GraphEdit, node: torch.fx.Node) -> torch.fx.Node:
+            nonlocal outlier_features
+            name, w = layers[node]
+            cols = self._outliers(ranges[name])
+            outlier_features += len(cols)
+            return self._decompose(edit, name, node, node.args[0], w, bias(node), ranges[name], cols)
+
+        def int8(edit: GraphEdit, node: torch.fx.Node) -> torch.fx.Node:
+            name, w = layers[node]
+            return self._int8(edit, name, node.args[0], w, bias(node), ranges.get(name))
+
+        kind = self.config.mode if self.config.mode != "dynamic" else self.config.activations.replace("per_tensor", "dynamic")
+        counts["linear layers quantized"] = apply_rules(edit, [Rule("linear_outliers", is_linear, decompose, outliers),
+                                                               Rule(f"linear_{kind}", is_linear, int8)], chosen)
+        counts["outlier features kept in float"] = outlier_features
         counts = {k: v for k, v in counts.items() if v or k == "linear layers quantized"}
-        notes = unmatched_notes("int8", exclude, matched)
+        notes = scan.notes(exclude)
+        uncalibrated = [module_name(n) for n in edit.refused.get(NO_RANGE, [])]
         if uncalibrated:
             counts["linear layers without calibration (kept in float)"] = len(uncalibrated)
             notes.append(f"no calibration range for {', '.join(uncalibrated[:5])}{'…' if len(uncalibrated) > 5 else ''}: kept in float")
-        counts["float weights dropped"] = drop_unused_weights(gm, signature, state_dict, constants)
-        changed = counts["linear layers quantized"] + counts.get("embeddings quantized", 0) > 0
-        return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
+        return edit.finish(counts, notes, changed=counts["linear layers quantized"] + embedded > 0)
 
     def _auto_exclude(self, ep, ctx: PassContext, alpha: float | None, score: _Scorer) -> PassResult:
         """Quantize everything, rank the layers by the error each adds (effc.layerwise), then keep the
@@ -198,23 +204,23 @@ class Int8(Pass[Int8Config]):
         cols = torch.nonzero(torch.tensor(stats["channel_absmax"]) > self.config.outlier_threshold).flatten()
         return cols if 0 < cols.numel() < len(stats["channel_absmax"]) else None
 
-    def _int8(self, gm, signature, state_dict, name, x, w, bias, stats, amax: float | None = None) -> torch.fx.Node:
+    def _int8(self, edit: GraphEdit, name, x, w, bias, stats, amax: float | None = None) -> torch.fx.Node:
         """One int8 linear (of the configured mode) replacing linear(x, w, bias)."""
         # weight_only runs no int8 GEMM (float activations): nothing to protect, keep the full range.
         weight_range = "full" if self.config.mode == "weight_only" else self.config.weight_range
         q, scale = quantize_weight_per_channel(w, weight_range)
-        q_node = add_parameter(gm, signature, state_dict, f"{name}.weight_int8", q)
-        s_node = add_parameter(gm, signature, state_dict, f"{name}.weight_scale", scale)
+        q_node = edit.add_parameter(f"{name}.weight_int8", q)
+        s_node = edit.add_parameter(f"{name}.weight_scale", scale)
         if self.config.mode == "static":
             amax = stats["amax"] if amax is None else amax
             x_scale = torch.tensor(max(amax / 127, 1e-12), dtype=torch.float32)
-            x_node = add_parameter(gm, signature, state_dict, f"{name}.input_scale", x_scale)
-            return call(gm.graph, torch.ops.effc.int8_linear_static.default, (x, x_node, q_node, s_node, bias))
+            x_node = edit.add_parameter(f"{name}.input_scale", x_scale)
+            return edit.call(torch.ops.effc.int8_linear_static.default, (x, x_node, q_node, s_node, bias))
         op = {"weight_only": torch.ops.effc.int8_linear_weight_only, "per_token": torch.ops.effc.int8_linear_per_token}
         kind = self.config.mode if self.config.mode == "weight_only" else self.config.activations
-        return call(gm.graph, op.get(kind, torch.ops.effc.int8_linear_dynamic).default, (x, q_node, s_node, bias))
+        return edit.call(op.get(kind, torch.ops.effc.int8_linear_dynamic).default, (x, q_node, s_node, bias))
 
-    def _decompose(self, gm, signature, state_dict, name, node, x, w, bias, stats, outliers) -> torch.fx.Node:
+    def _decompose(self, edit: GraphEdit, name, node, x, w, bias, stats, outliers) -> torch.fx.Node:
         """LLM.int8() mixed precision: y = x[:, O] @ W[:, O]^T in float + int8 part over the other features.
 
         The int8 part keeps x whole and zeroes W's outlier columns, so no copy of x is gathered: static
@@ -227,27 +233,28 @@ class Int8(Pass[Int8Config]):
         amax = min(stats["amax"], max(v for v, keep in zip(stats["channel_absmax"], inlier.tolist()) if keep))
         x_in = x
         if self.config.mode == "dynamic":
-            mask = add_parameter(gm, signature, state_dict, f"{name}.inlier_mask", inlier.to(w.dtype))
-            x_in = call(gm.graph, aten.mul.Tensor, (x, mask), node)
-        y_in = self._int8(gm, signature, state_dict, name, x_in, w_in, bias, stats, amax)
-        out_idx = add_parameter(gm, signature, state_dict, f"{name}.outlier_index", outliers.to(torch.int64))
-        w_out = add_parameter(gm, signature, state_dict, f"{name}.outlier_weight", w[:, outliers].contiguous())
-        x_out = call(gm.graph, aten.index_select.default, (x, -1, out_idx), node)
-        y_out = call(gm.graph, aten.linear.default, (x_out, w_out), node)
-        return call(gm.graph, aten.add.Tensor, (y_in, y_out), node)
+            mask = edit.add_parameter(f"{name}.inlier_mask", inlier.to(w.dtype))
+            x_in = edit.call(aten.mul.Tensor, (x, mask), node)
+        y_in = self._int8(edit, name, x_in, w_in, bias, stats, amax)
+        out_idx = edit.add_parameter(f"{name}.outlier_index", outliers.to(torch.int64))
+        w_out = edit.add_parameter(f"{name}.outlier_weight", w[:, outliers].contiguous())
+        x_out = edit.call(aten.index_select.default, (x, -1, out_idx), node)
+        y_out = edit.call(aten.linear.default, (x_out, w_out), node)
+        return edit.call(aten.add.Tensor, (y_in, y_out), node)
 
-    def _embedding(self, gm, signature, state_dict, weights, node, counts, matched, exclude) -> None:
-        w, name = select(weights, node.args[0], node, exclude, matched)
-        if w is None:
-            return
-        q, scale = quantize_rows(w)
-        q_node = add_parameter(gm, signature, state_dict, f"{name}.weight_int8", q)
-        s_node = add_parameter(gm, signature, state_dict, f"{name}.weight_scale", scale)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(torch.ops.effc.int8_embedding.default, (node.args[1], q_node, s_node))
-        replace(gm, node, new)
-        counts["embeddings quantized"] += 1
+    def _embedding(self, edit: GraphEdit, node: torch.fx.Node) -> torch.fx.Node:
+        q, scale = quantize_rows(edit.weight(node.args[0]))
+        name = module_name(node)
+        q_node = edit.add_parameter(f"{name}.weight_int8", q)
+        s_node = edit.add_parameter(f"{name}.weight_scale", scale)
+        return edit.graph.call_function(torch.ops.effc.int8_embedding.default, (node.args[1], q_node, s_node))
 
+
+NO_RANGE = "no calibration range"
+
+
+def _is_embedding(node: torch.fx.Node) -> bool:
+    return node.target is aten.embedding.default
 
 AUTO_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 

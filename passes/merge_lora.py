@@ -35,9 +35,9 @@ from typing import Literal
 import torch
 
 from effc.errors import EffcError
-from effc.passes.base import Level, Pass, PassConfig, PassContext, PassResult
+from effc.passes.base import Capability, Level, Pass, PassConfig, PassContext, PassResult
 from effc.passes.cleanup import ASSERTS, _is_noop
-from effc.passes.program import add_parameter, drop_unused_weights, edit, rebuild
+from effc.passes.rewrite import GraphEdit, Rule, apply_rules
 
 aten = torch.ops.aten
 PEFT_PREFIX = "peft.tuners."
@@ -233,7 +233,7 @@ class MergeLora(Pass[MergeLoraConfig]):
     level = Level.FX
     config_class = MergeLoraConfig
     summary = "fold LoRA/rsLoRA/DoRA/IA3 adapters (weighted, several at once) into the base weights"
-    before = ("int8", "int4", "nf4")
+    provides = frozenset({Capability.MERGED_WEIGHTS})
 
     def prepare(self, source) -> None:
         """Merge mode: apply merge_lora.weights to the adapters' scaling before capture (eager and graph
@@ -287,12 +287,12 @@ class MergeLora(Pass[MergeLoraConfig]):
     def run(self, ep, ctx: PassContext) -> PassResult:
         if self.config.mode == "switchable":
             return self._run_switchable(ep, ctx)
-        gm, signature, state_dict, constants = edit(ep)
-        graph = gm.graph
-        weights = {}
-        for spec in signature.input_specs:
+        edit = GraphEdit(ep, self.name)
+        graph = edit.graph
+        weights = {}  # constants too: IA3 vectors and DoRA norms may be captured as constant tensors
+        for spec in edit.signature.input_specs:
             if hasattr(spec.arg, "name") and spec.target is not None:
-                value = state_dict.get(spec.target, constants.get(spec.target))
+                value = edit.state_dict.get(spec.target, edit.constants.get(spec.target))
                 if isinstance(value, torch.Tensor):
                     weights[spec.arg.name] = value
         regions: dict[str, list[torch.fx.Node]] = {}
@@ -303,30 +303,39 @@ class MergeLora(Pass[MergeLoraConfig]):
                 regions.setdefault(found[0], []).append(node)
                 classes[found[0]] = found[1]
         evaluator = _Evaluator(graph, weights)
+        first = {nodes[0]: path for path, nodes in regions.items()}  # a region is a candidate at its first node
+        plans: dict[str, tuple] = {}
         counts: dict[str, int] = {}
         notes: list[str] = []
-        for path, nodes in regions.items():
-            kind = _kind(nodes, classes[path])
+
+        def affine(edit: GraphEdit, node: torch.fx.Node) -> str | None:
+            path = first[node]
             try:
-                self._merge(gm, signature, state_dict, evaluator, path, nodes)
-                counts[f"{kind} layers merged"] = counts.get(f"{kind} layers merged", 0) + 1
+                plans[path] = self._plan(evaluator, regions[path])
             except NotAffine as e:
                 counts["layers left unmerged"] = counts.get("layers left unmerged", 0) + 1
-                notes.append(f"{path} ({kind}) left unmerged: {e}")
+                notes.append(f"{path} ({_kind(regions[path], classes[path])}) left unmerged: {e}")
+                return str(e)
+            return None
+
+        def merge(edit: GraphEdit, node: torch.fx.Node) -> None:
+            path = first[node]
+            self._merge(edit, path, regions[path], *plans[path])
+            kind = _kind(regions[path], classes[path])
+            counts[f"{kind} layers merged"] = counts.get(f"{kind} layers merged", 0) + 1
+
+        apply_rules(edit, [Rule("merge", lambda n: n in first, merge, affine)])
         graph.eliminate_dead_code()
-        counts["weights dropped (adapters and replaced bases)"] = drop_unused_weights(gm, signature, state_dict, constants)
-        changed = bool(regions)
-        return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
+        return edit.finish(counts, notes, changed=bool(regions), dropped="weights dropped (adapters and replaced bases)")
 
     def _run_switchable(self, ep, ctx: PassContext) -> PassResult:
         """Rewrite each LoRA branch linear(linear(x, A), B) * s as matmul(matmul(x, A_t), B_t)."""
-        gm, signature, state_dict, constants = edit(ep)
-        graph = gm.graph
-        targets = {n.name: s.target for s in signature.input_specs for n in graph.nodes
+        edit = GraphEdit(ep, self.name)
+        graph = edit.graph
+        targets = {n.name: s.target for s in edit.signature.input_specs for n in graph.nodes
                    if n.op == "placeholder" and hasattr(s.arg, "name") and s.arg.name == n.name}
         first = self.adapter_names[0]
         sets: dict[str, dict[str, object]] = {n: {} for n in self.adapter_names}
-        rewritten = 0
         for path, factors in self.factors.items():
             a_target = f"{path}.lora_A.{first}.weight"
             la = next((n for n in graph.nodes if n.target is aten.linear.default
@@ -345,12 +354,12 @@ class MergeLora(Pass[MergeLoraConfig]):
                 b_t = torch.zeros(rank, b.shape[0], dtype=b.dtype)
                 b_t[: b.shape[1]] = b.t()
                 padded[name] = (a_t, b_t)
-            a_node = add_parameter(gm, signature, state_dict, f"{path}.lora_A_t", padded[first][0].contiguous())
-            b_node = add_parameter(gm, signature, state_dict, f"{path}.lora_B_t", padded[first][1].contiguous())
+            a_node = edit.add_parameter(f"{path}.lora_A_t", padded[first][0].contiguous())
+            b_node = edit.add_parameter(f"{path}.lora_B_t", padded[first][1].contiguous())
             for name, (a_t, b_t) in padded.items():
                 sets[name][f"{path}.lora_A_t"] = a_t.numpy()
                 sets[name][f"{path}.lora_B_t"] = b_t.numpy()
-            with graph.inserting_before(end):
+            with graph.inserting_before(end), edit.made_by("switchable"):
                 down = graph.call_function(aten.matmul.default, (la.args[0], a_node))
                 up = graph.call_function(aten.matmul.default, (down, b_node))
             with la.args[0].meta["val"].fake_mode:
@@ -361,15 +370,15 @@ class MergeLora(Pass[MergeLoraConfig]):
             end.replace_all_uses_with(up)
             for node in dict.fromkeys([end, lb, la]):
                 graph.erase_node(node)
-            rewritten += 1
+            edit.count("switchable")
         graph.eliminate_dead_code()
-        counts = {"LoRA layers made switchable": rewritten, "adapters": len(sets),
-                  "weights dropped": drop_unused_weights(gm, signature, state_dict, constants)}
+        counts = {"LoRA layers made switchable": edit.rules["merge_lora/switchable"], "adapters": len(sets)}
         ctx.weight_sets.update(sets)
-        return PassResult(rebuild(ep, gm, signature, state_dict, constants), True, counts)
+        return edit.finish(counts, changed=True, dropped="weights dropped")
 
     @staticmethod
-    def _merge(gm, signature, state_dict, evaluator: _Evaluator, path: str, nodes: list[torch.fx.Node]) -> None:
+    def _plan(evaluator: _Evaluator, nodes: list[torch.fx.Node]) -> tuple[torch.fx.Node, torch.fx.Node, Affine]:
+        """(input, output, affine map) of a region, or NotAffine saying why it cannot be merged."""
         in_region = set(nodes)
         inputs = {a for n in nodes for a in n.all_input_nodes if a not in in_region
                   and isinstance(a.meta.get("val"), torch.Tensor) and a not in evaluator.constant}
@@ -382,15 +391,19 @@ class MergeLora(Pass[MergeLoraConfig]):
         affine = evaluator.region(nodes, x)[out]
         if not isinstance(affine, Affine) or affine.m is None:
             raise NotAffine("computes no linear layer")
+        return x, out, affine
+
+    @staticmethod
+    def _merge(edit: GraphEdit, path: str, nodes: list[torch.fx.Node], x: torch.fx.Node, out: torch.fx.Node,
+               affine: Affine) -> None:
+        """Replace the region by one linear(x, W', b')."""
         dtype = out.meta["val"].dtype
-        w_node = add_parameter(gm, signature, state_dict, _free_name(state_dict, f"{path}.weight"),
-                               affine.dense().to(dtype).contiguous())
+        w_node = edit.add_parameter(_free_name(edit.state_dict, f"{path}.weight"), affine.dense().to(dtype).contiguous())
         b_node = None
         if affine.c is not None:
-            b_node = add_parameter(gm, signature, state_dict, _free_name(state_dict, f"{path}.bias"),
-                                   affine.c.to(dtype).contiguous())
-        with gm.graph.inserting_before(out):
-            linear = gm.graph.call_function(aten.linear.default, (x, w_node) + ((b_node,) if b_node is not None else ()))
+            b_node = edit.add_parameter(_free_name(edit.state_dict, f"{path}.bias"), affine.c.to(dtype).contiguous())
+        with edit.graph.inserting_before(out):
+            linear = edit.graph.call_function(aten.linear.default, (x, w_node) + ((b_node,) if b_node is not None else ()))
         fake = x.meta["val"].fake_mode
         with fake:
             linear.meta["val"] = aten.linear.default(x.meta["val"], w_node.meta["val"],
@@ -400,7 +413,7 @@ class MergeLora(Pass[MergeLoraConfig]):
         out.replace_all_uses_with(linear)
         for node in reversed(nodes):
             if not node.users:
-                gm.graph.erase_node(node)
+                edit.graph.erase_node(node)
 
 
 def _free_name(state_dict: dict, name: str) -> str:

@@ -14,9 +14,10 @@ import torch
 from effc.errors import EffcError
 import effc.ops  # noqa: F401  (registers torch.ops.effc.*)
 from effc.formats.nf4 import quantize_nf4, storage_bits_per_param, to_int8_blocks
-from effc.passes.base import Level, Pass, PassConfig, PassContext, PassResult
-from effc.passes.layers import replace, select, unmatched_notes, weights_by_node
-from effc.passes.program import add_parameter, call, drop_unused_weights, edit, rebuild
+from effc.passes.base import Capability, Level, Pass, PassConfig, PassContext, PassResult
+from effc.passes.layers import LayerScan, bias, is_linear
+from effc.passes.program import add_parameter, call, module_name
+from effc.passes.rewrite import GraphEdit, Rule, apply_rules
 
 aten = torch.ops.aten
 
@@ -50,42 +51,53 @@ class Nf4(Pass[Nf4Config]):
     level = Level.FX
     config_class = Nf4Config
     summary = "NF4 (QLoRA) 4-bit linear weights with double quantization, bitsandbytes-exact"
-    after = ("merge_lora",)
+    expects = frozenset({Capability.MERGED_WEIGHTS})
     exact = False
 
     def run(self, ep, ctx: PassContext) -> PassResult:
-        gm, signature, state_dict, constants = edit(ep)
-        weights = weights_by_node(signature, state_dict)
-        exclude = self.config.exclude + (() if self.config.lm_head else ("lm_head", "*.lm_head"))
-        matched: set[str] = set()
-        counts = {"linear layers quantized": 0, "linear layers excluded": 0}
+        edit = GraphEdit(ep, self.name)
+        scan = LayerScan(self.name, self.config.exclude + (() if self.config.lm_head else ("lm_head", "*.lm_head")))
+        chosen = edit.select(scan.rule())
+        block = self.config.block
         stored_bits = params = 0
         drift: list[float] = []
         exact_fallback: list[str] = []
-        for node in list(gm.graph.nodes):
-            if node.target is not aten.linear.default:
-                continue
-            w, name = select(weights, node.args[1], node, exclude, matched)
-            if w is None:
-                counts["linear layers excluded"] += name is not None
-                continue
-            state = quantize_nf4(w.detach(), self.config.block, self.config.double_quant)
+
+        def quantize(edit: GraphEdit, node: torch.fx.Node) -> tuple[torch.Tensor, dict]:
+            nonlocal params
+            w = edit.weight(node.args[1])
             params += w.numel()
-            bias = node.args[2] if len(node.args) > 2 else None
-            if self.config.kernel == "int8_blocks" and w.shape[1] % self.config.block == 0:
-                new, diff = self._int8_blocks(gm, signature, state_dict, node, name, state, bias)
-                drift.append(diff)
-                stored_bits += (8 + 32 / self.config.block) * w.numel()  # 8-bit codes + a float scale per block
-            else:
-                stored_bits += storage_bits_per_param(state) * w.numel()
-                if self.config.kernel == "int8_blocks":
-                    exact_fallback.append(name)  # its NF4 blocks straddle rows: MatMulNBits cannot hold them
-                new = self._exact(gm, signature, state_dict, node, name, state, bias)
-            replace(gm, node, new)
-            counts["linear layers quantized"] += 1
+            return w, quantize_nf4(w.detach(), block, self.config.double_quant)
+
+        def fits_blocks(edit: GraphEdit, node: torch.fx.Node) -> str | None:
+            # NF4 blocks that straddle rows cannot be held by MatMulNBits
+            return None if edit.weight(node.args[1]).shape[1] % block == 0 else "in_features not divisible by nf4.block"
+
+        def int8_blocks(edit: GraphEdit, node: torch.fx.Node) -> torch.fx.Node:
+            nonlocal stored_bits
+            w, state = quantize(edit, node)
+            new, diff = self._int8_blocks(edit.gm, edit.signature, edit.state_dict, node, module_name(node), state,
+                                          bias(node))
+            drift.append(diff)
+            stored_bits += (8 + 32 / block) * w.numel()  # 8-bit codes + a float scale per block
+            return new
+
+        def exact(edit: GraphEdit, node: torch.fx.Node) -> torch.fx.Node:
+            nonlocal stored_bits
+            w, state = quantize(edit, node)
+            stored_bits += storage_bits_per_param(state) * w.numel()
+            if self.config.kernel == "int8_blocks":
+                exact_fallback.append(module_name(node))
+            return self._exact(edit, node, module_name(node), state, bias(node))
+
+        rules = [Rule("linear", is_linear, exact)]
+        if self.config.kernel == "int8_blocks":
+            rules.insert(0, Rule("linear_int8_blocks", is_linear, int8_blocks, fits_blocks))
+        counts = {"linear layers quantized": apply_rules(edit, rules, chosen),
+                  "linear layers excluded": len(edit.refused.get(scan.excluded, []))}
         if params:
             counts["bits per quantized weight (codes + scales)"] = round(stored_bits / params, 4)
-        notes = unmatched_notes("nf4", self.config.exclude, matched)
+        notes = scan.notes(self.config.exclude)
         if exact_fallback:
             notes.append(f"nf4.kernel=int8_blocks: {len(exact_fallback)} layers with in_features not divisible by "
                          f"nf4.block kept the exact kernel ({', '.join(exact_fallback[:3])}"
@@ -93,31 +105,28 @@ class Nf4(Pass[Nf4Config]):
         if drift:
             notes.append(f"nf4.kernel=int8_blocks: weights differ from NF4 by {100 * max(drift):.2f}% relative RMS "
                          f"at most (mean {100 * sum(drift) / len(drift):.2f}%)")
-        counts["float weights dropped"] = drop_unused_weights(gm, signature, state_dict, constants)
-        changed = counts["linear layers quantized"] > 0
-        return PassResult(rebuild(ep, gm, signature, state_dict, constants) if changed else ep, changed, counts, notes)
+        return edit.finish(counts, notes)
 
-    def _exact(self, gm, signature, state_dict, node, name, state, bias) -> torch.fx.Node:
+    def _exact(self, edit: GraphEdit, node, name, state, bias) -> torch.fx.Node:
         """effc::nf4_linear over the stored NF4 codes and (double-quantized) block absmax."""
-        tensors = [add_parameter(gm, signature, state_dict, f"{name}.weight_nf4", state["packed"])]
+        tensors = [edit.add_parameter(f"{name}.weight_nf4", state["packed"])]
         if self.config.double_quant:
-            tensors += [add_parameter(gm, signature, state_dict, f"{name}.absmax_codes", state["absmax_codes"]),
-                        add_parameter(gm, signature, state_dict, f"{name}.absmax2", state["absmax2"]),
-                        add_parameter(gm, signature, state_dict, f"{name}.absmax_offset", state["offset"].reshape(1))]
+            tensors += [edit.add_parameter(f"{name}.absmax_codes", state["absmax_codes"]),
+                        edit.add_parameter(f"{name}.absmax2", state["absmax2"]),
+                        edit.add_parameter(f"{name}.absmax_offset", state["offset"].reshape(1))]
         else:
-            tensors += [add_parameter(gm, signature, state_dict, f"{name}.absmax", state["absmax"]), None, None]
+            tensors += [edit.add_parameter(f"{name}.absmax", state["absmax"]), None, None]
         n, k = state["shape"]
         x = node.args[0]
         compute = getattr(torch, self.config.compute_dtype)
-        with gm.graph.inserting_before(node):
-            if compute == x.meta["val"].dtype:
-                return call(gm.graph, torch.ops.effc.nf4_linear.default,
-                            (x, *tensors, bias, n, k, self.config.block, state["dq_block"]))
-            x_c = call(gm.graph, aten.to.dtype, (x, compute))
-            bias_c = None if bias is None else call(gm.graph, aten.to.dtype, (bias, compute))
-            y = call(gm.graph, torch.ops.effc.nf4_linear.default,
-                     (x_c, *tensors, bias_c, n, k, self.config.block, state["dq_block"]))
-            return call(gm.graph, aten.to.dtype, (y, x.meta["val"].dtype))
+        if compute == x.meta["val"].dtype:
+            return edit.call(torch.ops.effc.nf4_linear.default, (x, *tensors, bias, n, k, self.config.block,
+                                                                 state["dq_block"]))
+        x_c = edit.call(aten.to.dtype, (x, compute))
+        bias_c = None if bias is None else edit.call(aten.to.dtype, (bias, compute))
+        y = edit.call(torch.ops.effc.nf4_linear.default,
+                      (x_c, *tensors, bias_c, n, k, self.config.block, state["dq_block"]))
+        return edit.call(aten.to.dtype, (y, x.meta["val"].dtype))
 
     def _int8_blocks(self, gm, signature, state_dict, node, name, state, bias) -> tuple[torch.fx.Node, float]:
         """NF4 re-expressed for MatMulNBits 8-bit: code round(127 * nf4[c]) + 128, scale absmax / 127 per

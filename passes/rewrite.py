@@ -71,14 +71,19 @@ class GraphEdit:
 
     @contextlib.contextmanager
     def made_by(self, rule: str) -> Iterator[None]:
-        """Count one rewrite of `rule` and tag the call nodes made inside (helpers too) with it."""
+        """Tag the call nodes made inside (helpers too: casts, index_select, add) with `rule`."""
         before = set(self.graph.nodes)
         yield
         tag = f"{self.pass_name}/{rule}"
         for node in self.graph.nodes:
             if node not in before and node.op == "call_function":
                 node.meta.setdefault(PROVENANCE, tag)
-        self.rules[tag] += 1
+
+    def count(self, rule: str, n: int = 1) -> None:
+        """Count n rewrites of `rule` (apply_rules counts its own; passes whose candidates are not single
+        nodes count theirs)."""
+        if n:
+            self.rules[f"{self.pass_name}/{rule}"] += n
 
     def refuse(self, node: torch.fx.Node, reason: str) -> None:
         self.refused.setdefault(reason, []).append(node)
@@ -131,6 +136,7 @@ def apply_rules(edit: GraphEdit, rules: list[Rule], nodes: Iterable[torch.fx.Nod
                 new = rule.rewrite(edit, node)
                 if new is not None:
                     edit.replace(node, new)
+            edit.count(rule.name)
             done += 1
             break
         else:

@@ -80,6 +80,7 @@ def export(program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor
         model = onnx.inliner.inline_local_functions(model)
     _rename_dims(model, dynamic)
     _strip_debug_metadata(model)
+    tag_provenance(model, program)
     _make_overridable(model, overridable)
     return model
 
@@ -222,3 +223,73 @@ def _strip_debug_metadata(model: onnx.ModelProto) -> None:
         if len(kept) != len(node.metadata_props):
             del node.metadata_props[:]
             node.metadata_props.extend(kept)
+
+
+PROVENANCE_KEY = "effc.provenance"  # node metadata: "<pass>/<rule>" that made the node (passes/rewrite.py)
+
+
+def _fx_node(node: onnx.NodeProto) -> str | None:
+    """The fx node an exported ONNX node came from: the exporter writes "%name : ..." under fx_node."""
+    text = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.fx_node"), None)
+    return text.split(" ", 1)[0].removeprefix("%") if text else None
+
+
+def provenance(node: onnx.NodeProto) -> str | None:
+    return next((p.value for p in node.metadata_props if p.key == PROVENANCE_KEY), None)
+
+
+def _set_provenance(node: onnx.NodeProto, rule: str) -> None:
+    if provenance(node) is None:
+        node.metadata_props.add(key=PROVENANCE_KEY, value=rule)
+
+
+def tag_provenance(model: onnx.ModelProto, program: torch.export.ExportedProgram) -> None:
+    """Write each fx node's effc_provenance on the ONNX nodes exported from it."""
+    from effc.passes.rewrite import PROVENANCE
+
+    made = {n.name: n.meta[PROVENANCE] for n in program.graph.nodes if PROVENANCE in n.meta}
+    if not made:
+        return
+    for node in model.graph.node:
+        rule = made.get(_fx_node(node))
+        if rule:
+            _set_provenance(node, rule)
+
+
+def reattach_provenance(exported: onnx.ModelProto, path: Path) -> None:
+    """ONNX Runtime's optimizer drops node metadata: copy the tags of `exported` onto its optimized model
+    at `path` (re-saved in place), by node name where ORT kept it; a node ORT fused or renamed takes
+    the tag of the exported node it shares an output with, else of the only tagged rule whose nodes
+    read the same initializers (the rule's own weights)."""
+    by_name, by_output, readers = {}, {}, {}
+    for node in exported.graph.node:
+        rule = provenance(node)
+        by_name[node.name] = rule
+        for out in node.output:
+            by_output[out] = rule
+        for value in node.input:
+            readers.setdefault(value, set()).add(rule)
+    if not any(by_name.values()):
+        return
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name in by_name:
+            rule = by_name[node.name]
+        else:
+            rule = next((by_output[o] for o in node.output if by_output.get(o)), None)
+        if rule is None and node.name not in by_name:
+            owners = set().union(*(readers.get(i, {None}) for i in node.input if i in initializers))
+            rule = owners.pop() if len(owners) == 1 else None
+        if rule:
+            _set_provenance(node, rule)
+    onnx.save_model(model, str(path))
+
+
+def provenance_summary(model: onnx.ModelProto) -> dict[str | None, Counter]:
+    """rule (None: untagged) -> operator counts of the nodes it made, rules first by node count."""
+    made: dict[str | None, Counter] = {}
+    for node in model.graph.node:
+        op = (f"{node.domain}." if node.domain not in ("", "ai.onnx") else "") + node.op_type
+        made.setdefault(provenance(node), Counter())[op] += 1
+    return dict(sorted(made.items(), key=lambda kv: (kv[0] is None, -sum(kv[1].values()), kv[0] or "")))

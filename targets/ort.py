@@ -54,6 +54,7 @@ class OrtTarget(Target):
                 opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
                 files.append(data)
             ort.InferenceSession(str(raw), sess_options=opts, providers=providers, disabled_optimizers=disabled)
+        onnx_export.reattach_provenance(model, out_dir / "model.onnx")  # ORT's optimizer drops node metadata
         return onnx_export.result(out_dir, files, {
             "opset": onnx_export.OPSET, "optimization_level": OPTIMIZATION_LEVEL, "providers": providers,
             "disabled_fusions": disabled,
