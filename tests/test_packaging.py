@@ -9,7 +9,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE_DIRS = {"effc": "compiler", "effc/passes": "passes", "effc/runtime": "runtime", "effc/targets": "targets"}
+SOURCE_DIRS = {"effc": "compiler", "effc/formats": "compiler/formats", "effc/ops": "compiler/ops", "effc/passes": "passes",
+               "effc/runtime": "runtime", "effc/targets": "targets"}
 
 
 def test_wheel_contains_every_module(tmp_path):
