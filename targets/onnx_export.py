@@ -80,7 +80,7 @@ def export(program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor
         model = onnx.inliner.inline_local_functions(model)
     _rename_dims(model, dynamic)
     _strip_debug_metadata(model)
-    tag_provenance(model, program)
+    tag_provenance(model, program, onnx_program.exported_program)
     _make_overridable(model, overridable)
     return model
 
@@ -243,15 +243,27 @@ def _set_provenance(node: onnx.NodeProto, rule: str) -> None:
         node.metadata_props.add(key=PROVENANCE_KEY, value=rule)
 
 
-def tag_provenance(model: onnx.ModelProto, program: torch.export.ExportedProgram) -> None:
-    """Write each fx node's effc_provenance on the ONNX nodes exported from it."""
+def tag_provenance(model: onnx.ModelProto, program: torch.export.ExportedProgram,
+                   exported: torch.export.ExportedProgram) -> None:
+    """Write each fx node's effc_provenance on the ONNX nodes exported from it. The exporter translates
+    its own retrace of `program` (`exported`, nodes renamed); each of its nodes names the node of
+    `program` it came from in meta["from_node"]."""
     from effc.passes.rewrite import PROVENANCE
 
     made = {n.name: n.meta[PROVENANCE] for n in program.graph.nodes if PROVENANCE in n.meta}
     if not made:
         return
+    traced = {}
+    for node in exported.graph.nodes:
+        sources = list(node.meta.get("from_node") or [])
+        while sources:  # the chain of nodes it was made from, nearest first
+            source = sources.pop(0)
+            if source.name in made:
+                traced[node.name] = made[source.name]
+                break
+            sources.extend(getattr(source, "from_node", None) or [])
     for node in model.graph.node:
-        rule = made.get(_fx_node(node))
+        rule = traced.get(_fx_node(node))
         if rule:
             _set_provenance(node, rule)
 
