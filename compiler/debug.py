@@ -33,7 +33,7 @@ def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples:
     captured = capture(src.model, example, dynamic_dims(example))
     module = captured.program.module()
     float_probes = probes(module)
-    comparison = LayerComparison(float_probes, artifact_probes)
+    comparison = LayerComparison(float_probes, artifact_probes, layer_rules(Path(artifact), manifest))
     if not comparison.layers:
         raise EffcError(f"no layer of {source} matches a probe of {artifact}; is it the model it was compiled from?")
     names = tap_names({k: float_probes[k] for k in comparison.layers})
@@ -55,6 +55,33 @@ def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples:
                                    {k: got[k] for k in captured.output_names}, mask)
             bar.update(len(next(iter(np_feeds.values()))))
     return comparison.report()
+
+
+def layer_rules(artifact: Path, manifest: dict) -> dict[str, list[str]]:
+    """layer -> the rewrite rules ("<pass>/<rule>", the effc.provenance node metadata) that made the
+    model.onnx nodes between the layer's input and output probes."""
+    import onnx
+
+    from effc.runtime.manifest import artifact_file
+    from effc.targets.onnx_export import provenance
+
+    model = onnx.load(str(artifact_file(artifact, manifest, manifest["model_file"], "model_file")),
+                      load_external_data=False)
+    producer = {value: node for node in model.graph.node for value in node.output}
+    layer_probes = manifest["probes"]
+    boundary = {v for p in layer_probes.values() for v in (p["input"], p["output"]) if v}
+    rules = {}
+    for name, probe in layer_probes.items():
+        made, seen, stack = set(), set(), [probe["output"]]
+        while stack:  # back from the output, stopping at any layer's probe (its input or another layer's)
+            node = producer.get(stack.pop())
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            made.add(provenance(node))
+            stack += [v for v in node.input if v and v not in boundary]
+        rules[name] = sorted(made - {None})
+    return rules
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import torch
 
 from effc.errors import EffcError
 from effc.passes.program import module_name
+from effc.runtime.compare import Pooled, sqnr_db
 from effc.watch import watch
 
 # Own noise this far above the median layer's (4x power) marks where the error jumps.
@@ -75,41 +76,6 @@ def graph_taps(module: torch.fx.GraphModule, names: list[str], feeds: dict[str, 
 
 
 @dataclass
-class _Noise:
-    """Signal, noise and cosine terms summed over batches (padding positions left out)."""
-    signal: float = 0.0
-    noise: float = 0.0
-    dot: float = 0.0
-    got_sq: float = 0.0
-    max_abs: float = 0.0
-
-    def add(self, ref: np.ndarray, got: np.ndarray, valid: np.ndarray | None) -> None:
-        if valid is not None and ref.ndim >= 2 and ref.shape[:2] == valid.shape:
-            ref, got = ref[valid], got[valid]
-        r, g = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-        d = g - r
-        self.signal += float(r @ r)
-        self.noise += float(d @ d)
-        self.dot += float(r @ g)
-        self.got_sq += float(g @ g)
-        self.max_abs = max(self.max_abs, float(np.abs(d).max()) if d.size else 0.0)
-
-    @property
-    def relative(self) -> float:
-        return self.noise / self.signal if self.signal > 0 else (0.0 if self.noise == 0 else math.inf)
-
-    @property
-    def cosine(self) -> float:
-        norm = math.sqrt(self.signal * self.got_sq)
-        return self.dot / norm if norm > 0 else 1.0
-
-
-def db(relative_noise: float) -> float:
-    """Relative noise power as SQNR in dB (inf when there is none)."""
-    return math.inf if relative_noise <= 0 else -10 * math.log10(relative_noise)
-
-
-@dataclass
 class LayerRow:
     name: str
     order: int
@@ -118,6 +84,7 @@ class LayerRow:
     layer_sqnr_db: float  # the noise this layer adds, as an SQNR; lower is worse
     cosine_out: float
     max_abs_out: float
+    rules: list[str] = field(default_factory=list)  # the "<pass>/<rule>"s that made the layer's nodes
 
 
 @dataclass
@@ -139,12 +106,14 @@ class LayerReport:
     def table(self, top: int | None = 15) -> str:
         ranked = self.ranked()[:top] if top else self.ranked()
         width = max([len(r.name) for r in ranked] + [5])
+        rules = any(r.rules for r in ranked)
         lines = [f"{'rank':>4}  {'layer':<{width}}  {'layer SQNR':>10}  {'SQNR in':>8}  {'SQNR out':>8}  "
-                 f"{'cosine out':>10}  {'max |Δ| out':>11}"]
+                 f"{'cosine out':>10}  {'max |Δ| out':>11}" + ("  rules" if rules else "")]
         for i, r in enumerate(ranked, 1):
             sin = "exact" if r.sqnr_in_db is None else f"{r.sqnr_in_db:.1f}"
             lines.append(f"{i:>4}  {r.name:<{width}}  {r.layer_sqnr_db:>10.1f}  {sin:>8}  {r.sqnr_out_db:>8.1f}  "
-                         f"{r.cosine_out:>10.5f}  {r.max_abs_out:>11.3g}")
+                         f"{r.cosine_out:>10.5f}  {r.max_abs_out:>11.3g}"
+                         + (f"  {', '.join(r.rules) or '-'}" if rules else ""))
         return "\n".join(lines)
 
     def advice(self, worst: int = 3) -> str:
@@ -185,27 +154,27 @@ class LayerComparison:
 
     `reference` and `other` map module name -> {"input", "output"} tap names in their own graphs."""
 
-    def __init__(self, reference: dict[str, dict], other: dict[str, dict]):
+    def __init__(self, reference: dict[str, dict], other: dict[str, dict], rules: dict[str, list[str]] | None = None):
+        """`rules`: layer -> the rewrite rules that made its nodes in `other` (effc_provenance)."""
         self.layers = [name for name in reference if name in other]
         self.reference, self.other = reference, other
-        self.noise = {(name, end): _Noise() for name in self.layers for end in ("input", "output")}
-        self.outputs: dict[str, _Noise] = {}
+        self.rules = rules or {}
+        self.noise = {(name, end): Pooled() for name in self.layers for end in ("input", "output")}
+        self.outputs: dict[str, Pooled] = {}
 
     def add(self, ref_taps: dict, other_taps: dict, attention_mask: np.ndarray | None = None) -> None:
-        valid = None if attention_mask is None else attention_mask != 0
         for name in self.layers:
             for end in ("input", "output"):
                 r, o = self.reference[name][end], self.other[name][end]
                 if r and o and r in ref_taps and o in other_taps and other_taps[o].dtype.kind == "f":
                     ref, got = ref_taps[r], other_taps[o]
                     if ref.size == got.size:  # a probe may be a reshape of the layer's input (onnx_export)
-                        self.noise[(name, end)].add(ref, got.reshape(ref.shape), valid)
+                        self.noise[(name, end)].add(ref, got.reshape(ref.shape), attention_mask)
 
     def add_outputs(self, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
                     attention_mask: np.ndarray | None = None) -> None:
-        valid = None if attention_mask is None else attention_mask != 0
         for name, value in ref.items():
-            self.outputs.setdefault(name, _Noise()).add(value, got[name], valid)
+            self.outputs.setdefault(name, Pooled()).add(value, got[name], attention_mask)
 
     def report(self) -> LayerReport:
         rows = []
@@ -215,11 +184,11 @@ class LayerComparison:
                 continue  # never seen (e.g. the artifact's optimizer fused the value away)
             inp = self.noise[(name, "input")]
             has_input = self.reference[name]["input"] is not None and inp.signal > 0
-            added = out.relative - (inp.relative if has_input else 0.0)
-            rows.append(LayerRow(name, i, db(inp.relative) if has_input else None, db(out.relative),
-                                 db(added), out.cosine, out.max_abs))
+            added = out.relative_noise - (inp.relative_noise if has_input else 0.0)
+            rows.append(LayerRow(name, i, inp.sqnr_db if has_input else None, out.sqnr_db,
+                                 sqnr_db(1.0, max(added, 0.0)), out.cosine, out.max_abs, self.rules.get(name, [])))
         return LayerReport(rows, _first_jump(rows), {
-            name: {"sqnr_db": db(n.relative), "cosine": n.cosine, "max_abs": n.max_abs}
+            name: {"sqnr_db": n.sqnr_db, "cosine": n.cosine, "max_abs": n.max_abs}
             for name, n in self.outputs.items()})
 
 

@@ -24,6 +24,7 @@ from effc.passes.program import module_name
 from effc.passes.rewrite import GraphEdit, Rule, apply_rules
 from effc.watch import watch
 from effc.passes.smoothquant import divide_input
+from effc.runtime.compare import unpadded
 
 aten = torch.ops.aten
 
@@ -159,9 +160,7 @@ class _InputStats:
         self.mask: torch.Tensor | None = None  # the batch's attention_mask
 
     def add(self, node: torch.fx.Node, x: torch.Tensor) -> None:
-        x = x.detach().double()
-        if self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape:
-            x = x[self.mask != 0]
+        x = unpadded(x.detach().double(), self.mask)
         x = x.reshape(-1, x.shape[-1])
         name = module_name(node)
         seen = self.count.get(name, 0)

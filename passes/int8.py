@@ -25,6 +25,7 @@ from effc.passes.layers import LayerScan, bias, is_linear
 from effc.passes.program import module_name
 from effc.passes.rewrite import GraphEdit, Rule, apply_rules
 from effc.passes.smoothquant import smooth
+from effc.runtime.compare import position_cosine
 
 aten = torch.ops.aten
 
@@ -290,10 +291,4 @@ def _outputs(module: torch.fx.GraphModule, feeds: dict[str, torch.Tensor]) -> li
 
 def _mean_cosine(refs: list[torch.Tensor], gots: list[torch.Tensor], mask: torch.Tensor | None) -> float:
     """The lowest, over outputs, of the mean cosine per position (last dim), padding positions left out."""
-    worst = 1.0
-    for ref, got in zip(refs, gots):
-        cos = torch.nn.functional.cosine_similarity(ref.double(), got.double(), dim=-1, eps=1e-12)
-        if mask is not None and cos.shape == mask.shape:
-            cos = cos[mask != 0]
-        worst = min(worst, float(cos.mean()))
-    return worst
+    return min([1.0] + [position_cosine(ref, got, mask) for ref, got in zip(refs, gots)])

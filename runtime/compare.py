@@ -1,9 +1,11 @@
-"""One comparison of outputs against a reference: used by compile-time verification, golden checks
-and (later) the layer-wise debugger.
+"""The one home of the statistics effc compares values with: compile-time verification and the lossy
+acceptance policy, golden checks, the layer-wise debugger, int8's auto_exclude and smoothquant_alpha=auto
+scorer, int4's calibration statistics and the benchmarks.
 
 An element passes when |got - ref| <= atol + rtol * |ref| (numpy.allclose semantics). Positions that
-an attention_mask marks as padding are left out: their values carry no meaning and runtimes differ
-there (a fully masked softmax row has no defined result).
+an attention_mask marks as padding are left out (`unpadded`): their values carry no meaning and
+runtimes differ there (a fully masked softmax row has no defined result). Arrays may be numpy arrays
+or torch tensors; statistics are computed in float64 numpy, so this module never imports torch.
 """
 
 from __future__ import annotations
@@ -87,11 +89,76 @@ def default_tolerance(ref: np.ndarray) -> Tolerance:
     return Tolerance(*DEFAULT_TOLERANCE.get(str(ref.dtype), DEFAULT_TOLERANCE["float32"]))
 
 
-def _valid_positions(ref: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
-    """A boolean [B, S] selector when the output is laid out [B, S, ...] like the attention mask."""
-    if mask is None or mask.ndim != 2 or ref.ndim < 2 or ref.shape[:2] != mask.shape:
+def valid_positions(shape, mask):
+    """A boolean [B, S] selector (numpy or torch, as the mask) when values of `shape` are laid out
+    [B, S, ...] like the attention mask; None when there is no mask or the layout differs."""
+    if mask is None or mask.ndim != 2 or len(shape) < 2 or tuple(shape[:2]) != tuple(mask.shape):
         return None
     return mask != 0
+
+
+def unpadded(values, mask):
+    """`values` without the positions the attention mask marks as padding (flattened over [B, S])."""
+    valid = valid_positions(values.shape, mask)
+    return values if valid is None or valid.all() else values[valid]
+
+
+def _f64(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64).ravel()
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """Signal-to-noise power ratio in dB: inf without noise, -inf without signal."""
+    return float("inf") if noise == 0 else float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+
+
+@dataclass
+class Pooled:
+    """Signal, noise and cosine terms summed over any number of (reference, actual) pairs, padding left
+    out: SQNR and cosine pooled over batches (one pair gives that pair's own)."""
+
+    signal: float = 0.0  # sum ref^2
+    noise: float = 0.0  # sum (got - ref)^2
+    dot: float = 0.0  # sum ref * got
+    ref_sq: float = 0.0  # ref . ref and got . got as dot products, for the cosine's norms
+    got_sq: float = 0.0
+    max_abs: float = 0.0
+
+    def add(self, ref, got, mask=None) -> None:
+        self.add_flat(_f64(unpadded(ref, mask)), _f64(unpadded(got, mask)))
+
+    def add_flat(self, r: np.ndarray, g: np.ndarray) -> None:
+        """Flat float64 values, already selected."""
+        d = g - r
+        self.signal += float(np.sum(r ** 2))
+        self.noise += float(np.sum(d ** 2))
+        self.dot += float(np.dot(r, g))
+        self.ref_sq += float(np.dot(r, r))
+        self.got_sq += float(np.dot(g, g))
+        self.max_abs = max(self.max_abs, float(np.abs(d).max()) if d.size else 0.0)
+
+    @property
+    def relative_noise(self) -> float:
+        """Noise power relative to the signal's (0 without noise, inf without signal)."""
+        return self.noise / self.signal if self.signal > 0 else (0.0 if self.noise == 0 else float("inf"))
+
+    @property
+    def sqnr_db(self) -> float:
+        return sqnr_db(self.signal, self.noise)
+
+    @property
+    def cosine(self) -> float:
+        norm = float(np.sqrt(self.ref_sq) * np.sqrt(self.got_sq))
+        return self.dot / norm if norm > 0 else (1.0 if self.noise == 0 else 0.0)
+
+
+def position_cosine(ref, got, mask=None) -> float:
+    """The mean, over positions (every index but the last dim's), of the cosine along the last dim;
+    padding positions left out."""
+    r, g = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
+    mask = None if mask is None else np.asarray(mask)
+    norm = np.sqrt(np.maximum(np.sum(r * r, -1) * np.sum(g * g, -1), 1e-24))
+    return float(unpadded(np.sum(r * g, -1) / norm, mask).mean())
 
 
 def compare_output(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, mask: np.ndarray | None = None) -> tuple[OutputComparison, int]:
@@ -100,13 +167,9 @@ def compare_output(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, 
         nan = float("nan")
         return OutputComparison(name, shape, tol.atol, tol.rtol, False, nan, nan, nan, nan, nan, nan, 0, 0,
                                 problem=f"shape {got.shape} != reference {ref.shape}"), 0
-    valid = _valid_positions(ref, mask)
-    ignored = 0
-    r, g = ref, got
-    if valid is not None and not valid.all():
-        ignored = int((~valid).sum())
-        r, g = ref[valid], got[valid]
-    r64, g64 = r.astype(np.float64).ravel(), g.astype(np.float64).ravel()
+    valid = valid_positions(ref.shape, mask)
+    ignored = 0 if valid is None else int((~valid).sum())
+    r64, g64 = _f64(unpadded(ref, mask)), _f64(unpadded(got, mask))
     diff = np.abs(g64 - r64)
     finite = np.isfinite(diff)
     bad = diff > tol.atol + tol.rtol * np.abs(r64)
@@ -115,35 +178,27 @@ def compare_output(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, 
     bad = (bad | ~finite) & ~same_nan
     d = diff[finite] if finite.any() else np.zeros(1)
     rel = d / np.maximum(np.abs(r64[finite]), 1e-12) if finite.any() else np.zeros(1)
-    signal = float(np.sum(r64[finite] ** 2)) if finite.any() else 0.0
-    noise = float(np.sum(d ** 2))
-    norm = float(np.linalg.norm(r64[finite]) * np.linalg.norm(g64[finite])) if finite.any() else 0.0
-    cosine = float(np.dot(r64[finite], g64[finite]) / norm) if norm > 0 else (1.0 if noise == 0 else 0.0)
-    sqnr = float("inf") if noise == 0 else (float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf"))
+    pooled = Pooled()
+    if finite.any():
+        pooled.add_flat(r64[finite], g64[finite])
     top1 = None
     if "logits" in name and ref.ndim >= 2 and ref.shape[-1] > 1 and np.issubdtype(ref.dtype, np.floating):
-        rr = ref if valid is None else ref[valid]
-        gg = got if valid is None else got[valid]
-        top1 = float(np.mean(rr.argmax(-1) == gg.argmax(-1)))
+        top1 = float(np.mean(unpadded(ref, mask).argmax(-1) == unpadded(got, mask).argmax(-1)))
     out = OutputComparison(
         name=name, shape=shape, atol=tol.atol, rtol=tol.rtol, passed=not bad.any(),
         max_abs=float(d.max()) if d.size else 0.0, mean_abs=float(d.mean()) if d.size else 0.0,
         p99_abs=float(np.quantile(d, 0.99)) if d.size else 0.0, max_rel=float(rel.max()) if rel.size else 0.0,
-        cosine=cosine, sqnr_db=sqnr, mismatched=int(bad.sum()), compared=int(bad.size), top1_agreement=top1,
+        cosine=pooled.cosine, sqnr_db=pooled.sqnr_db, mismatched=int(bad.sum()), compared=int(bad.size), top1_agreement=top1,
     )
     return out, ignored
 
 
-def pooled_sqnr_db(refs: list[np.ndarray], gots: list[np.ndarray], masks: list[np.ndarray | None]) -> float:
+def pooled_sqnr_db(refs: list, gots: list, masks: list) -> float:
     """SQNR over several input sets at once (signal and noise summed), leaving out padding positions."""
-    signal = noise = 0.0
+    pooled = Pooled()
     for ref, got, mask in zip(refs, gots, masks):
-        valid = _valid_positions(ref, mask)
-        r, g = (ref, got) if valid is None else (ref[valid], got[valid])
-        r, g = r.astype(np.float64), g.astype(np.float64)
-        signal += float(np.sum(r ** 2))
-        noise += float(np.sum((g - r) ** 2))
-    return float("inf") if noise == 0 else float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+        pooled.add(ref, got, mask)
+    return pooled.sqnr_db
 
 
 def compare(

@@ -22,6 +22,7 @@ class BuildResult:
     inputs: list[dict] = field(default_factory=list)  # user inputs: name, dtype (numpy), shape (dim names)
     outputs: list[dict] = field(default_factory=list)
     ops: dict[str, int] = field(default_factory=dict)  # operator -> count in the artifact's graph
+    runner: str = "onnxruntime"  # what runs the artifact: a key of effc.runtime.backends.BACKENDS
 
 
 class Target:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from effc.runtime.session import available_providers
+from effc.runtime.onnxruntime_runner import available_providers
 from effc.targets import onnx_export
 from effc.targets.base import BuildResult, Target
 

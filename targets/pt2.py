@@ -62,7 +62,8 @@ class TorchTarget(Target):
         ops = Counter(str(getattr(n.target, "name", lambda: n.target)()) for n in program.graph.nodes
                       if n.op == "call_function")
         return BuildResult("model.pt2", files, info, probes={}, inputs=_describe_inputs(inputs, dynamic),
-                           outputs=_describe_outputs(program, inputs, dynamic, output_names), ops=dict(ops.most_common()))
+                           outputs=_describe_outputs(program, inputs, dynamic, output_names), ops=dict(ops.most_common()),
+                           runner="torch")
 
 
 def lower(program: torch.export.ExportedProgram,

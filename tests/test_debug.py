@@ -87,3 +87,15 @@ def test_wrong_source_is_refused(hf_dir, int8_artifact, data):
     result = CliRunner().invoke(main, ["debug", str(hf_dir("llama")), str(int8_artifact), "--data", str(data)])
     assert result.exit_code == 2
     assert "compiled from another model" in result.output
+
+
+def test_rows_name_the_rules_that_made_the_layer(default_model, int8_artifact, data):
+    """Each layer's row names the rewrite rules whose nodes lie between its probes (effc.provenance in
+    model.onnx): int8's linear rule for the projections, its embedding rule for the table."""
+    report = debug(str(default_model[0]), int8_artifact, str(data))
+    rules = {r.name: r.rules for r in report.rows}
+    assert rules[PLANTED] == ["int8/linear_dynamic"], rules[PLANTED]
+    assert all(r.startswith("int8/") for row in rules.values() for r in row), rules
+    assert rules["model.embed_tokens"] and "embedding" in rules["model.embed_tokens"][0], rules
+    assert "  rules" in report.table().splitlines()[0] and "int8/linear_dynamic" in report.table()
+    assert report.to_dict()["ranked"][0]["rules"]
