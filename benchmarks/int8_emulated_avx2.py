@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import effc  # noqa: E402
 import effc.runtime  # noqa: E402
 import effc.runtime.cpu  # noqa: E402
-from benchmarks.int8_minilm import cosine, mean_pool, tokenize  # noqa: E402
+from benchmarks.int8_minilm import mean_pool, tokenize  # noqa: E402
+from effc.runtime.compare import position_cosine  # noqa: E402
 from examples.text import speeches  # noqa: E402
 
 # Runs in the emulated process: numpy and onnxruntime only. The CPU check is bypassed on purpose.
@@ -80,8 +81,8 @@ def main() -> None:
                         str(tmp / f"e{i}.npy"), str(art)], check=True, capture_output=True)
         emulated = np.load(tmp / f"e{i}.npy")
         mask = feeds["attention_mask"]
-        native = "refused (no VNNI)" if here is None else f"{cosine(ref, mean_pool(here, mask)):.5f}"
-        print(f"| {label} | {native} | {cosine(ref, mean_pool(emulated, mask)):.5f} |", flush=True)
+        native = "refused (no VNNI)" if here is None else f"{position_cosine(ref, mean_pool(here, mask)):.5f}"
+        print(f"| {label} | {native} | {position_cosine(ref, mean_pool(emulated, mask)):.5f} |", flush=True)
     shutil.rmtree(tmp)
 
 

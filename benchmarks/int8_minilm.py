@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import effc  # noqa: E402
 from effc.runtime import open as open_artifact  # noqa: E402
+from effc.runtime.compare import position_cosine  # noqa: E402
 from examples.text import speeches  # noqa: E402
 
 
@@ -49,10 +50,6 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (hidden * m).sum(1) / np.maximum(m.sum(1), 1)
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
-
-
 def embedding_cosine(model_dir: Path, eager, run, texts: list[str], batch: int = 8) -> float:
     """Mean cosine of mean-pooled embeddings: `run(feeds) -> last_hidden_state` against the eager model."""
     cos = []
@@ -60,7 +57,7 @@ def embedding_cosine(model_dir: Path, eager, run, texts: list[str], batch: int =
         feeds = tokenize(model_dir, texts[i:i + batch], None)
         with torch.no_grad():
             ref = eager(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
-        cos.append(cosine(mean_pool(ref, feeds["attention_mask"]), mean_pool(run(feeds), feeds["attention_mask"])))
+        cos.append(position_cosine(mean_pool(ref, feeds["attention_mask"]), mean_pool(run(feeds), feeds["attention_mask"])))
     return float(np.mean(cos))
 
 
@@ -178,7 +175,7 @@ def main() -> None:
                 ref = eager(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
             ref = mean_pool(ref, feeds["attention_mask"])
             for name, runner in runners.items():
-                cos[name].append(cosine(ref, mean_pool(run(runner, feeds), feeds["attention_mask"])))
+                cos[name].append(position_cosine(ref, mean_pool(run(runner, feeds), feeds["attention_mask"])))
         timing = tokenize(model_dir, speeches("comedies/as-you-like-it", limit=8), 128)
         for runner in runners.values():
             for _ in range(3):

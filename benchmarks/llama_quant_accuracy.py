@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import effc  # noqa: E402
 from effc.runtime import open as open_artifact  # noqa: E402
-from effc.runtime.compare import pooled_sqnr_db  # noqa: E402
+from effc.runtime.compare import pooled_sqnr_db, top1_agreement  # noqa: E402
 
 
 def tokens(rng, n: int, length: int, vocab: int) -> dict[str, np.ndarray]:
@@ -59,7 +59,7 @@ def main() -> None:
         with open_artifact(tmp / f"c{i}", threads=2) as session:
             got = [session.run(f)["logits"] for f in held_out]
         sqnr = pooled_sqnr_db(eager, got, [None] * len(got))
-        top1 = np.mean([(g.argmax(-1) == e.argmax(-1)).mean() for g, e in zip(got, eager)])
+        top1 = np.mean([top1_agreement(e, g) for g, e in zip(got, eager)])
         counts = report.passes[0].counts
         kept = counts.get("linear layers excluded", 0)
         print(f"| `{item}` | {sqnr:.2f} | {top1:.3f} | {kept} of {kept + counts['linear layers quantized']} |",

@@ -161,6 +161,11 @@ def position_cosine(ref, got, mask=None) -> float:
     return float(unpadded(np.sum(r * g, -1) / norm, mask).mean())
 
 
+def top1_agreement(ref, got, mask=None) -> float:
+    """The fraction of positions whose argmax over the last dim (e.g. the next token) agrees."""
+    return float(np.mean(unpadded(ref, mask).argmax(-1) == unpadded(got, mask).argmax(-1)))
+
+
 def compare_output(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, mask: np.ndarray | None = None) -> tuple[OutputComparison, int]:
     shape = tuple(ref.shape)
     if got.shape != ref.shape:
@@ -183,7 +188,7 @@ def compare_output(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, 
         pooled.add_flat(r64[finite], g64[finite])
     top1 = None
     if "logits" in name and ref.ndim >= 2 and ref.shape[-1] > 1 and np.issubdtype(ref.dtype, np.floating):
-        top1 = float(np.mean(unpadded(ref, mask).argmax(-1) == unpadded(got, mask).argmax(-1)))
+        top1 = top1_agreement(ref, got, mask)
     out = OutputComparison(
         name=name, shape=shape, atol=tol.atol, rtol=tol.rtol, passed=not bad.any(),
         max_abs=float(d.max()) if d.size else 0.0, mean_abs=float(d.mean()) if d.size else 0.0,
