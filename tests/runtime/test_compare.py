@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from effc.runtime.compare import Tolerance, compare
 
@@ -53,3 +54,41 @@ def test_precision_aware_defaults():
     (f16,) = compare({"y": np.ones(2, np.float16)}, {"y": np.ones(2, np.float16)}).outputs
     (i64,) = compare({"y": np.ones(2, np.int64)}, {"y": np.ones(2, np.int64)}).outputs
     assert (f32.atol, f32.rtol) == (1e-4, 1e-3) and f16.atol == 1e-2 and (i64.atol, i64.rtol) == (0, 0)
+
+
+def test_pooled_over_batches_is_the_sum_of_their_terms():
+    """Pooling two batches is comparing their concatenation; padding positions are left out."""
+    from effc.runtime.compare import Pooled, pooled_sqnr_db
+
+    rng = np.random.default_rng(1)
+    ref = [rng.standard_normal((2, 5, 8)) for _ in range(2)]
+    got = [r + 0.01 * rng.standard_normal(r.shape) for r in ref]
+    mask = np.ones((2, 5), np.int64)
+    mask[1, 3:] = 0
+    got[0][1, 3:] = 1e6  # padding: must not count
+    pooled = Pooled()
+    for r, g, m in zip(ref, got, [mask, None]):
+        pooled.add(r, g, m)
+    whole_r = np.concatenate([ref[0][mask != 0], ref[1].reshape(-1, 8)])
+    whole_g = np.concatenate([got[0][mask != 0], got[1].reshape(-1, 8)])
+    single = compare({"x": whole_r}, {"x": whole_g}).outputs[0]
+    assert pooled.sqnr_db == pytest.approx(single.sqnr_db, rel=1e-12)
+    assert pooled.cosine == pytest.approx(single.cosine, rel=1e-12)
+    assert pooled.max_abs == pytest.approx(single.max_abs)
+    assert pooled_sqnr_db(ref, got, [mask, None]) == pytest.approx(single.sqnr_db, rel=1e-12)
+
+
+def test_position_cosine_and_masks_take_torch_tensors():
+    """The int8 scorer's statistic: torch's per-position cosine, padding left out, within float64 rounding."""
+    torch = pytest.importorskip("torch")
+    from effc.runtime.compare import position_cosine, top1_agreement, unpadded
+
+    rng = np.random.default_rng(2)
+    ref = torch.from_numpy(rng.standard_normal((2, 6, 16)).astype(np.float32))
+    got = ref + 0.1 * torch.from_numpy(rng.standard_normal((2, 6, 16)).astype(np.float32))
+    mask = torch.ones(2, 6, dtype=torch.int64)
+    mask[0, 4:] = 0
+    cos = torch.nn.functional.cosine_similarity(ref.double(), got.double(), dim=-1, eps=1e-12)
+    assert position_cosine(ref, got, mask) == pytest.approx(float(cos[mask != 0].mean()), rel=1e-14)
+    assert unpadded(ref, mask).shape == (10, 16) and unpadded(ref, None) is ref
+    assert top1_agreement(ref.numpy(), ref.numpy(), mask.numpy()) == 1.0
