@@ -109,3 +109,21 @@ def test_int8_counts_per_rule_and_tags_its_nodes():
     made = {n.target.name(): n.meta.get(PROVENANCE) for n in result.ir.graph.nodes
             if n.op == "call_function" and n.target.namespace == "effc"}
     assert made == {"effc::int8_embedding": "int8/embedding", "effc::int8_linear_dynamic": "int8/linear_dynamic"}
+
+
+def test_inspect_provenance_lists_the_rules_of_an_int8_artifact(hf_dir, tmp_path):
+    import effc
+    from click.testing import CliRunner
+
+    from effc.cli import main
+
+    report = effc.compile(str(hf_dir("llama")), tmp_path / "art", passes=["int8"], target="ort")
+    counts = report.passes[0].counts
+    result = CliRunner().invoke(main, ["inspect", "--provenance", str(tmp_path / "art")])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split(None, 2) for line in result.output.splitlines()[1:]}
+    # ORT fuses each int8 linear into one DynamicQuantizeMatMul: one node per layer the pass quantized.
+    assert rows["int8/linear_dynamic"][1] == str(counts["linear layers quantized"])
+    assert rows["int8/linear_dynamic"][2] == f"com.microsoft.DynamicQuantizeMatMul x{counts['linear layers quantized']}"
+    assert ("int8/embedding" in rows) == (counts.get("embeddings quantized", 0) > 0)
+    assert "(untagged)" in rows and set(rows) <= {"int8/linear_dynamic", "int8/embedding", "(untagged)"}
