@@ -106,3 +106,11 @@ def test_taps_are_a_runner_capability(artifacts, tmp_path):
                                         "debugger reads ONNX artifacts"):
         Session(as_torch(artifacts, tmp_path), taps=["x"])
     assert set(BACKENDS) == {"onnxruntime", "torch"}
+
+
+def test_running_an_onnx_artifact_never_imports_torch(artifacts):
+    code = (f"import sys, numpy as np; from effc.runtime import open\n"
+            f"with open({str(artifacts / 'onnx')!r}) as s: s.run(dict(np.load({str(artifacts / 'in.npz')!r})))\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
