@@ -78,14 +78,11 @@ def resolve(names: list[str], config_items: list[str] | tuple[str, ...] = (),
             passes.append(cls(cls.config_class.from_strings(name, configs.get(name, {}))))
         except EffcError as e:
             problems.append(str(e))
-    order = {p.name: i for i, p in enumerate(passes)}
-    for p in passes:
-        for other in p.after:
-            if other in order and order[other] > order[p.name]:
-                problems.append(f"pass {p.name} must run after {other}: write --passes ...,{other},{p.name},...")
-        for other in p.before:
-            if other in order and order[other] < order[p.name]:
-                problems.append(f"pass {p.name} must run before {other}: write --passes ...,{p.name},{other},...")
+    for i, p in enumerate(passes):
+        for later in passes[i + 1:]:
+            for capability in sorted(p.expects & later.provides, key=lambda c: c.value):
+                problems.append(f"pass {p.name} must run after {later.name}, which provides {capability.value}: "
+                                f"write --passes ...,{later.name},{p.name},...")
         missing = p.needs() - set(have)
         for need in sorted(missing, key=lambda n: n.value):
             problems.append(f"pass {p.name} needs {need.value}, which was not given" + HOW_TO_GIVE.get(need, ""))

@@ -9,7 +9,7 @@ import pytest
 
 from effc.errors import EffcError
 from effc.passes import registry
-from effc.passes.base import Level, Need, Pass, PassConfig
+from effc.passes.base import Capability, Level, Need, Pass, PassConfig
 
 
 @pytest.mark.parametrize("name", sorted(registry.PASSES))
@@ -37,7 +37,7 @@ class Quant(Pass[QuantConfig]):
     level = Level.FX
     config_class = QuantConfig
     summary = "test pass"
-    after = ("merge",)
+    expects = frozenset({Capability.MERGED_WEIGHTS})
 
     def needs(self):
         return {Need.CALIBRATION} if self.config.mode == "static" else set()
@@ -47,6 +47,7 @@ class Merge(Pass[PassConfig]):
     name = "merge"
     level = Level.FX
     summary = "test pass"
+    provides = frozenset({Capability.MERGED_WEIGHTS})
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def test_needs_and_ordering_are_checked_together(fake_registry):
     with pytest.raises(EffcError) as err:
         registry.resolve(["quant", "merge"], ["quant.mode=static"])
     text = str(err.value)
-    assert "quant must run after merge" in text
+    assert "quant must run after merge, which provides merged_weights" in text
     assert "needs calibration" in text
     registry.resolve(["merge", "quant"], ["quant.mode=static"], have={Need.EXAMPLE_INPUTS, Need.CALIBRATION})
 
@@ -103,3 +104,12 @@ def test_needs_by_setting_finds_the_settings_that_bring_a_need():
 def test_duplicate_pass_is_rejected(fake_registry):
     with pytest.raises(EffcError, match="twice"):
         registry.resolve(["merge", "merge"])
+
+
+def test_quantization_expects_merged_weights_from_merge_lora():
+    """The real passes order by capability: int8, nf4 and int4 after merge_lora, whichever comes first."""
+    for quant in ("int8", "nf4", "int4"):
+        assert Capability.MERGED_WEIGHTS in registry.pass_class(quant).expects
+        with pytest.raises(EffcError, match=f"pass {quant} must run after merge_lora, which provides merged_weights"):
+            registry.resolve([quant, "merge_lora"])
+        registry.resolve(["merge_lora", quant])
