@@ -22,6 +22,12 @@ class Need(str, enum.Enum):
     CALIBRATION_DATA = "calibration_data"  # samples, not just ranges (GPTQ's Hessians, AWQ's search)
 
 
+class Capability(str, enum.Enum):
+    """What a pass makes true of the graph, for the passes that expect it (Pass.provides, Pass.expects)."""
+
+    MERGED_WEIGHTS = "merged_weights"  # adapters folded into the base weights
+
+
 @dataclass(frozen=True)
 class PassConfig:
     """Base of every pass config: frozen dataclass fields are the keys `--pass-config name.key=value` may set."""
@@ -111,9 +117,10 @@ class Pass(Generic[C]):
     level: ClassVar[Level]
     config_class: ClassVar[type[PassConfig]] = PassConfig
     summary: ClassVar[str] = ""
-    # Passes that must run before / after this one when both are in a pipeline.
-    after: ClassVar[tuple[str, ...]] = ()
-    before: ClassVar[tuple[str, ...]] = ()
+    # Ordering by what the graph is like: a pass that expects a capability runs after every pass in
+    # the pipeline that provides it (quantization expects merged weights, which merge_lora provides).
+    provides: ClassVar[frozenset[Capability]] = frozenset()
+    expects: ClassVar[frozenset[Capability]] = frozenset()
     # False for passes that change the numbers on purpose (quantization): the artifact is then verified
     # against the graph after the passes, and the distance to eager PyTorch is reported as accuracy.
     exact: ClassVar[bool] = True
