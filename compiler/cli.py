@@ -193,12 +193,13 @@ def inspect(artifact, as_json, sign_key, provenance):
             changes = ", ".join(f"{k}: {v}" for k, v in p["counts"].items() if v) or "no change"
             click.echo(f"pass {p['name']}: {changes}")
     v = manifest.get("verification")
-    accuracy = report.get("accuracy_vs_eager")
-    against = "the graph after its passes" if accuracy else "eager PyTorch"
+    against = "the graph after its passes" if report.get("graph_accuracy_vs_eager") else "eager PyTorch"
     click.echo("verified:  " + (f"{'passed' if v['passed'] else 'FAILED'}, max |Δ| {v['max_abs']:.3g} vs {against} "
                                 f"(atol {v['atol']:g}, rtol {v['rtol']:g})" if v else "no (--no-verify)"))
-    for o in (accuracy or {}).get("outputs", []):
-        click.echo(f"accuracy:  {o['name']} of the {accuracy.get('measured_on', 'artifact')} vs eager fp32: cosine {o['cosine']:.5f}, SQNR {o['sqnr_db']:.1f} dB")
+    from effc.report import accuracy_lines
+
+    for line in accuracy_lines(report, "accuracy:  the artifact vs eager fp32, "):
+        click.echo(line)
 
 
 def _print_provenance(artifact: Path, manifest: dict) -> None:

@@ -32,9 +32,11 @@ class CompileReport:
     artifact_bytes: int = 0
     ops: dict[str, int] = field(default_factory=dict)  # operator -> count in the artifact
     verification: dict | None = None
-    # Set when a pass changes the numbers on purpose: the artifact's outputs against eager PyTorch (the
-    # graph's after the passes with --no-verify, which does not run the artifact; "measured_on" says which).
+    # Set when a pass changes the numbers on purpose, on the example inputs against eager PyTorch: the
+    # artifact's outputs (verify runs it), and beside them the graph's after the passes (in PyTorch).
     accuracy_vs_eager: dict | None = None
+    graph_accuracy_vs_eager: dict | None = None
+    accuracy_not_measured: str | None = None  # why the artifact's accuracy is missing (--no-verify)
     total_seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -58,7 +60,7 @@ class CompileReport:
         if self.verification:
             v = self.verification
             verdict = "passed" if v["passed"] else "FAILED"
-            against = "the graph after the passes (PyTorch)" if self.accuracy_vs_eager else "eager PyTorch"
+            against = "the graph after the passes (PyTorch)" if self.graph_accuracy_vs_eager else "eager PyTorch"
             lines.append(f"verification vs {against}: {verdict}, max |Δ| {v['max_abs']:.3g} "
                          f"(atol {v['atol']:g}, rtol {v['rtol']:g}) over {len(v['shapes'])} input shapes")
             for r in v.get("quantized_rounding", []):
@@ -67,12 +69,7 @@ class CompileReport:
                              + ("as accurate, accepted" if r["passed"] else "LESS accurate"))
         else:
             lines.append("verification: skipped (--no-verify)")
-        if self.accuracy_vs_eager:
-            on = self.accuracy_vs_eager.get("measured_on", "artifact")
-            for o in self.accuracy_vs_eager["outputs"]:
-                lines.append(f"accuracy of the {on} vs eager fp32, {o['name']}: cosine {o['cosine']:.5f}, SQNR {o['sqnr_db']:.1f} dB, "
-                             f"max |Δ| {o['max_abs']:.3g}" + (f", top-1 agreement {o['top1_agreement']:.3f}"
-                                                              if o.get("top1_agreement") is not None else ""))
+        lines += accuracy_lines(self.to_dict(), "accuracy of the artifact vs eager fp32, ")
         lines.append(f"total: {self.total_seconds:.1f} s")
         return "\n".join(lines)
 
@@ -80,3 +77,29 @@ class CompileReport:
 def bits_per_parameter(artifact_bytes: int, params: int) -> str:
     """The artifact's whole size (weights, codes, scales, graph) per weight of the captured model."""
     return f"{8 * artifact_bytes / params:.2f} bits per parameter" if params else "no parameters"
+
+
+def accuracy_lines(report: dict, prefix: str) -> list[str]:
+    """The artifact's accuracy against eager fp32 per output, the graph's beside it; or that the artifact's
+    was not measured, and the graph's, named as the graph's. `report` is a CompileReport's dict."""
+    artifact, graph = report.get("accuracy_vs_eager"), report.get("graph_accuracy_vs_eager")
+    if not graph:
+        return []
+    if not artifact:
+        why = report.get("accuracy_not_measured") or "the artifact was not run"
+        return [f"{prefix.rstrip(', ')}: not measured ({why})"] + [
+            f"  graph after the passes (PyTorch, not the artifact), {o['name']}: cosine {o['cosine']:.5f}, "
+            f"SQNR {o['sqnr_db']:.1f} dB" for o in graph["outputs"]]
+    beside = {o["name"]: o for o in graph["outputs"]}
+    lines = []
+    for o in artifact["outputs"]:
+        g = beside.get(o["name"], {})
+        top1 = o.get("top1_agreement")
+        lines.append(f"{prefix}{o['name']}: cosine {o['cosine']:.5f}" + _graph(g, "cosine", "{:.5f}")
+                     + f", SQNR {o['sqnr_db']:.1f} dB" + _graph(g, "sqnr_db", "{:.1f} dB")
+                     + f", max |Δ| {o['max_abs']:.3g}" + (f", top-1 agreement {top1:.3f}" if top1 is not None else ""))
+    return lines
+
+
+def _graph(beside: dict, key: str, fmt: str) -> str:
+    return f" (graph {fmt.format(beside[key])})" if key in beside else ""
