@@ -56,7 +56,7 @@ def prepare(model: torch.nn.Module) -> torch.nn.Module:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "use_cache"):
         config.use_cache = False
-    # transformers 5's default grouped_mm experts export to an opaque custom op (REFERENCE.md).
+    # transformers 5's default grouped_mm experts export to an opaque custom op (docs/ONNXRUNTIME.md).
     if hasattr(model, "set_experts_implementation") and getattr(config, "num_local_experts", 0):
         model.set_experts_implementation("batched_mm")
     return model.eval()

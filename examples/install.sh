@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install effc and its test dependencies into .venv (idempotent). torch is pinned first: an unpinned
-# torch would pull a multi-GB CUDA build instead of the CPU wheel (docs: ../shared/REFERENCE.md).
+# torch would pull a multi-GB CUDA build instead of the CPU wheel (docs/ONNXRUNTIME.md, Installing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}

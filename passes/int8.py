@@ -6,7 +6,7 @@ symmetric int8 with zero point 0; `weight_only` keeps activations in float.
 annotate (which linears, by module-name globs) then convert (each chosen linear becomes the custom op
 effc::int8_linear_dynamic, whose reference implementation is what ONNX Runtime's DynamicQuantizeMatMul
 computes). Weights are symmetric absmax int8 per output channel (per-tensor weights cost MiniLM
-0.954 -> 0.994 embedding cosine in REFERENCE.md's measurements). Only linear layers' inputs are
+0.954 -> 0.994 embedding cosine, docs/ONNXRUNTIME.md). Only linear layers' inputs are
 quantized: attention masks, softmax and additive biases stay in float.
 """
 

@@ -138,6 +138,6 @@ class Nf4(Pass[Nf4Config]):
                 add_parameter(gm, signature, state_dict, f"{name}.weight_scales", scales.contiguous()), None]
         with gm.graph.inserting_before(node):
             # int8 activations too: MatMulNBits' 8-bit kernel with float activations ran 7.5x slower than
-            # fp32 on a Llama decode step here; with int8 activations it is the fast path (REFERENCE.md).
+            # fp32 on a Llama decode step here; with int8 activations it is the fast path (docs/ONNXRUNTIME.md).
             new = call(gm.graph, torch.ops.effc.nbits_linear.default, (node.args[0], *args, bias, k, block, 8, True))
         return new, diff

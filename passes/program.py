@@ -1,6 +1,6 @@
 """Editing an ExportedProgram without touching the eager model it came from.
 
-ep.state_dict aliases the eager model's parameters (REFERENCE.md): passes never write into it; they
+ep.state_dict aliases the eager model's parameters (docs/ONNXRUNTIME.md): passes never write into it; they
 build a new program whose state_dict maps the changed names to new tensors.
 """
 

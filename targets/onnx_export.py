@@ -14,7 +14,7 @@ import torch
 from effc.errors import EffcError
 from effc.targets.base import BuildResult, layers
 
-OPSET = 20  # opset 23's RotaryEmbedding was rejected by ORT 1.31 for Llama (REFERENCE.md)
+OPSET = 20  # opset 23's RotaryEmbedding was rejected by ORT 1.31 for Llama (docs/ONNXRUNTIME.md)
 TWO_GB = 2 * 1024**3
 DATA_SUFFIX = ".data"
 

@@ -37,7 +37,7 @@ from effc.formats.nf4 import DYNAMIC_MAP_SIGNED, NF4_CODE
  _NF4_14, _NF4_15) = (tl.constexpr(v) for v in NF4_CODE.tolist())
 
 # Codebook lookup strategies (LUT_MODE constexpr). Default GATHER: in the SASS of the main loop
-# it needs the fewest instructions on sm_80 and sm_90 (NOTES.md has the counts).
+# it needs the fewest instructions on sm_80 and sm_90 (docs/BENCHMARKS.md has the counts: benchmarks/triton_nf4_sass.py).
 LUT_SELECT = 0  # binary tree of selects on the code bits: ~10 FSEL per element, pure ALU
 LUT_LOAD = 1    # tl.load(lut + q): the pipeliner turns these into per-element cp.async into
                 # shared memory (3x the smem, more registers) -- kept for comparison only
@@ -154,7 +154,7 @@ def _tables(device: str):
 
 
 def pick_config(M: int, block: int, dtype=torch.float16, allow_tf32: bool = False) -> dict:
-    """Untuned defaults, chosen from ptxas resource usage (no GPU here to time them; NOTES.md).
+    """Untuned defaults, chosen from ptxas resource usage (no GPU here to time them; docs/BENCHMARKS.md).
     tl.dot needs every tile dim >= 16; BLOCK_K <= block so a K tile never straddles blocks."""
     bm = 16 if M <= 16 else (32 if M <= 32 else 64)
     # Exact fp32 dots are FMA loops in registers: BLOCK_K=64 spills on sm_80/90, 32 does not.
