@@ -22,8 +22,7 @@ ATOL = 1e-4
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_matches_eager_on_new_shapes(arch, target, hf_dir, tmp_path):
     model_dir = hf_dir(arch)
-    report = effc.compile(str(model_dir), tmp_path / "art", target=target)
-    assert report.verification["passed"]
+    effc.compile(str(model_dir), tmp_path / "art", target=target)
     src = load(str(model_dir))
     model = prepare(src.model)
     with open_artifact(tmp_path / "art") as session:
@@ -68,7 +67,7 @@ def test_onnx_target_uses_standard_ops_only(hf_dir, tmp_path):
 
 def test_factory_source(tmp_path):
     report = effc.compile("examples.models:tiny_gpt2", tmp_path / "gpt2", target="ort")
-    assert report.source["kind"] == "factory" and report.verification["passed"]
+    assert report.source["kind"] == "factory" and report.verification["max_abs"] < 1e-5
 
 
 def test_large_models_use_external_data(hf_dir, tmp_path, monkeypatch):
@@ -78,7 +77,7 @@ def test_large_models_use_external_data(hf_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "TWO_GB", 0)
     for target in ("onnx", "ort"):
         report = effc.compile(str(hf_dir("gpt2")), tmp_path / target, target=target)
-        assert report.verification["passed"]
+        assert report.verification["max_abs"] < 1e-5
         files = {p.name for p in (tmp_path / target).iterdir()}
         assert {"model.onnx", "model.onnx.data"} <= files
         assert (tmp_path / target / "model.onnx").stat().st_size < (tmp_path / target / "model.onnx.data").stat().st_size

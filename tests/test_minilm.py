@@ -118,3 +118,45 @@ def test_tampered_file_is_refused(compiled, golden, tmp_path):
 
     with pytest.raises(EffcError, match="tampered"):
         open_artifact(bad)
+
+
+def test_int8_reported_accuracy_is_the_artifacts_measured_independently(minilm_dir, tmp_path):
+    """The accuracy `effc compile --passes int8` reports equals one computed here without effc's runtime or
+    comparison code: stock onnxruntime on the artifact's model.onnx and eager transformers, fed the
+    verification inputs the accuracy is measured on (the example inputs, made as effc.inputs makes them)."""
+    import json
+
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    from effc.inputs import example_inputs
+
+    out = tmp_path / "int8"
+    result = CliRunner().invoke(main, ["compile", str(minilm_dir), "--passes", "int8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    reported = json.loads((out / "report.json").read_text())["accuracy_vs_eager"]
+    assert reported["measured_on"] == "artifact"
+    manifest = json.loads((out / "manifest.json").read_text())
+
+    model = transformers.AutoModel.from_pretrained(minilm_dir).eval()
+    feeds = {k: v.numpy() for k, v in example_inputs(model, model.config).items()}
+    with torch.no_grad():
+        eager = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    session = ort.InferenceSession(str(out / manifest["model_file"]), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})))
+    keep = feeds["attention_mask"] != 0
+    by_name = {o["name"]: o for o in reported["outputs"]}
+    assert set(by_name) == set(names)
+    for name in names:
+        r, g = getattr(eager, name).double().numpy(), got[name].astype(np.float64)
+        if r.shape[:2] == keep.shape:  # [batch, sequence, ...]: padding positions left out
+            r, g = r[keep], g[keep]
+        r, g = r.ravel(), g.ravel()
+        sqnr = 10 * np.log10((r ** 2).sum() / ((g - r) ** 2).sum())
+        cosine = (r @ g) / (np.linalg.norm(r) * np.linalg.norm(g))
+        print(f"{name}: reported SQNR {by_name[name]['sqnr_db']:.9f} dB, here {sqnr:.9f}; "
+              f"cosine {by_name[name]['cosine']:.12f}, here {cosine:.12f}")
+        assert abs(by_name[name]["sqnr_db"] - sqnr) < 1e-6
+        assert abs(by_name[name]["cosine"] - cosine) < 1e-6

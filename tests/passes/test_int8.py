@@ -96,14 +96,11 @@ def test_quantizes_every_linear_and_respects_exclude():
 
 @pytest.mark.parametrize("target", ["ort", "onnx"])
 def test_artifact_reproduces_the_reference_op(target, default_model, tmp_path):
-    """The compile verifies the artifact against the post-pass graph: equal within 1e-4, or, where
-    activation roundings flip, at least as close to fp32 as the graph (pooled SQNR, 1.5 dB margin)."""
+    """The artifact computes the reference op: as close to eager fp32 as stated here (the compile checks it
+    against the post-pass graph under effc.acceptance's policy, tested in tests/test_acceptance.py)."""
     model, adapter = default_model
     report = effc.compile(str(model), tmp_path / "q", adapters=[str(adapter)], passes=["merge_lora", "int8"],
                           target=target, atol=1e-4, rtol=1e-3)
-    assert report.verification["passed"]
-    for r in report.verification.get("quantized_rounding", []):
-        assert r["artifact_sqnr_db_vs_eager"] >= r["graph_sqnr_db_vs_eager"] - 1.5
     acc = report.accuracy_vs_eager["outputs"][0]
     assert acc["cosine"] > 0.999 and acc["sqnr_db"] > 25
     ops = report.ops
@@ -122,7 +119,6 @@ def test_merge_then_quantize_with_lora(arch, hf_dir, tmp_path):
 
     adapter = make_adapter(arch, tmp_path / "lora", seed=7)
     report = effc.compile(str(hf_dir(arch)), tmp_path / "q", adapters=[str(adapter)], passes=["merge_lora", "int8"])
-    assert report.verification["passed"]
     assert report.accuracy_vs_eager["outputs"][0]["cosine"] > 0.99
 
 
@@ -205,7 +201,6 @@ def test_static_onnx_is_explicit_int8_qdq(default_model, calib_npz, tmp_path):
     report = effc.compile(str(model), tmp_path / "q", adapters=[str(adapter)], passes=["merge_lora", "int8"],
                           pass_config=["int8.mode=static"], calib_data=str(calib_npz), calib_method="mse",
                           target="onnx")
-    assert report.verification["passed"]
     assert report.accuracy_vs_eager["outputs"][0]["cosine"] > 0.99
     m = onnx.load(tmp_path / "q" / "model.onnx")
     consts = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
@@ -271,7 +266,6 @@ def test_llm_int8_outlier_decomposition(calib_llama_npz, tmp_path):
         report = effc.compile(str(model_dir), tmp_path / f"a{len(list(tmp_path.iterdir()))}", passes=["int8"],
                               pass_config=["int8.embeddings=false", *config], calib_data=str(calib_llama_npz),
                               calib_method="minmax", target="ort")
-        assert report.verification["passed"]
         return report.accuracy_vs_eager["outputs"][0]["sqnr_db"], report
 
     base, _ = sqnr(clean)
@@ -294,7 +288,6 @@ def test_static_ort_uses_integer_gemm(default_model, calib_npz, tmp_path):
     model, adapter = default_model
     report = effc.compile(str(model), tmp_path / "q", adapters=[str(adapter)], passes=["merge_lora", "int8"],
                           pass_config=["int8.mode=static"], calib_data=str(calib_npz), target="ort")
-    assert report.verification["passed"]
     assert report.ops["com.microsoft.MatMulIntegerToFloat"] == 29
     assert report.accuracy_vs_eager["outputs"][0]["cosine"] > 0.99
 
@@ -303,7 +296,7 @@ def test_reported_accuracy_is_the_artifacts(default_model, tmp_path, monkeypatch
     """The report's accuracy against eager is measured on the artifact: recomputed here in numpy from an
     independent eager run and the artifact's own outputs on the example inputs. The runtime adds a small
     deterministic error (within the verification rule), so the artifact's accuracy differs from the
-    graph's, which --no-verify reports instead (the artifact is not run)."""
+    graph's, reported beside it; --no-verify reports the graph's only, and that the artifact's was not measured."""
     import transformers
 
     import effc.runtime
@@ -331,6 +324,8 @@ def test_reported_accuracy_is_the_artifacts(default_model, tmp_path, monkeypatch
     r, g = ref[keep], got[keep]
     assert acc["outputs"][0]["sqnr_db"] == pytest.approx(10 * np.log10((r ** 2).sum() / ((r - g) ** 2).sum()), abs=0.01)
     assert acc["outputs"][0]["cosine"] == pytest.approx((r * g).sum() / np.linalg.norm(r) / np.linalg.norm(g), abs=1e-6)
+    graph = report.graph_accuracy_vs_eager
+    assert graph["measured_on"] == "graph" and graph["outputs"][0]["sqnr_db"] > acc["outputs"][0]["sqnr_db"] + 0.2
     unverified = effc.compile(str(default_model[0]), tmp_path / "n", passes=["int8"], target="ort", verify=False)
-    assert unverified.accuracy_vs_eager["measured_on"] == "graph"
-    assert unverified.accuracy_vs_eager["outputs"][0]["sqnr_db"] > acc["outputs"][0]["sqnr_db"] + 0.2
+    assert unverified.accuracy_vs_eager is None and "--no-verify" in unverified.accuracy_not_measured
+    assert unverified.graph_accuracy_vs_eager == graph
