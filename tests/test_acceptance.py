@@ -75,16 +75,9 @@ def test_padding_positions_do_not_count():
 def test_compile_of_an_artifact_worse_than_the_graph_exits_1_and_writes_nothing(default_model, tmp_path, monkeypatch):
     """End to end: int8, with the runtime's outputs made noisier during verification than the margin allows."""
     from effc.cli import main
-    from effc.runtime.session import Session
+    from tests.artifacts import add_run_noise
 
-    real_run = Session.run
-
-    def noisy(self, feeds, adapter=None):
-        out = real_run(self, feeds, adapter)
-        rng = np.random.default_rng(0)
-        return {k: v + (rng.standard_normal(v.shape) * 0.2 * v.std()).astype(v.dtype) for k, v in out.items()}
-
-    monkeypatch.setattr(Session, "run", noisy)
+    add_run_noise(monkeypatch, 0.2)
     out = tmp_path / "q"
     result = CliRunner().invoke(main, ["compile", str(default_model[0]), "--passes", "int8", "-o", str(out)])
     assert result.exit_code == 1, result.output

@@ -301,16 +301,9 @@ def test_reported_accuracy_is_the_artifacts(default_model, tmp_path, monkeypatch
 
     import effc.runtime
     from effc.inputs import example_inputs
-    from effc.runtime.session import Session
+    from tests.artifacts import add_run_noise
 
-    real_run = Session.run
-
-    def slightly_off(self, feeds, adapter=None):
-        out = real_run(self, feeds, adapter)
-        rng = np.random.default_rng(0)
-        return {k: v + (rng.standard_normal(v.shape) * 0.01 * v.std()).astype(v.dtype) for k, v in out.items()}
-
-    monkeypatch.setattr(Session, "run", slightly_off)
+    add_run_noise(monkeypatch, 0.01)
     report = effc.compile(str(default_model[0]), tmp_path / "q", passes=["int8"], target="ort")
     acc = report.accuracy_vs_eager
     assert acc["measured_on"] == "artifact"
