@@ -70,6 +70,28 @@ def test_gptq_lowers_the_layer_output_error():
     assert gptq_w > rtn_w
 
 
+def test_awq_lowers_the_layer_output_error():
+    """AWQ's scales protect the input channels with large activations: Q(W*s)/s on X has clearly less
+    output error than round-to-nearest at the same format (inputs with a few salient channels)."""
+    from effc.passes.int4 import awq_scales
+
+    torch.manual_seed(2)
+    x = torch.randn(1024, 128)
+    x[:, :6] *= 25  # salient channels, as in LLM activations
+    w = torch.randn(64, 128) * 0.05
+
+    def output_error(weight, s):
+        codes, scales, zeros = rtn(weight * s, 32, True)
+        packed, zp = pack(codes, zeros, 32, True)
+        q = dequantize(packed, scales, zp, 128, 32) / s
+        return float(((x @ w.t() - x @ q.t()) ** 2).mean())
+
+    s = awq_scales(x, x.abs().mean(0), [w], 32, True).float()
+    rtn_err, awq_err = output_error(w, torch.ones(128)), output_error(w, s)
+    print(f"output MSE: rtn {rtn_err:.3g}, awq {awq_err:.3g}")
+    assert awq_err < 0.7 * rtn_err and s[:6].mean() > s[6:].mean()
+
+
 @pytest.mark.parametrize("target", ["ort", "onnx"])
 @pytest.mark.parametrize("config", [[], ["int4.symmetric=false", "int4.block=64"], ["int4.int8_activations=true"]])
 def test_merge_then_int4_matches_the_graph(target, config, default_model, tmp_path):
@@ -119,6 +141,7 @@ def test_int8_activations_reference_matches_matmulnbits_level_4():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
+@pytest.mark.slow  # ~3 min on 2 cores: GPTQ and AWQ calibrate on real text (the unit tests above cover both methods)
 def test_gptq_and_awq_beat_rtn_on_minilm(minilm_dir, tmp_path):
     """Real trained weights: mean-pooled embedding cosine to fp32 on held-out Hamlet speeches, calibration
     on As You Like It; 4-bit, block 32, symmetric, same bits for both."""
