@@ -284,7 +284,8 @@ def run_pass(p: Pass, program, ctx: PassContext, example: dict, eager: dict, out
     after = result.ir
     err = compare(eager, run_torch(after.module(), example, output_names), Tolerance(float("inf"), 0.0)).max_abs
     return after, PassRecord(p.name, p.config.to_dict(), seconds, result.changed, result.counts, before_nodes,
-                             node_count(after), before_bytes, parameter_bytes(after), err, result.notes)
+                             node_count(after), before_bytes, parameter_bytes(after), err, result.notes,
+                             result.rules)
 
 
 def build(s: State) -> State:

@@ -18,6 +18,7 @@ class PassRecord:
     param_bytes_after: int
     max_abs_vs_eager: float  # the graph after this pass, run in PyTorch, against the eager model
     notes: list[str] = field(default_factory=list)
+    rules: dict[str, int] = field(default_factory=dict)  # "<pass>/<rule>" -> nodes it rewrote
 
 
 @dataclass

@@ -127,3 +127,6 @@ def test_inspect_provenance_lists_the_rules_of_an_int8_artifact(hf_dir, tmp_path
     assert rows["int8/linear_dynamic"][2] == f"com.microsoft.DynamicQuantizeMatMul x{counts['linear layers quantized']}"
     assert ("int8/embedding" in rows) == (counts.get("embeddings quantized", 0) > 0)
     assert "(untagged)" in rows and set(rows) <= {"int8/linear_dynamic", "int8/embedding", "(untagged)"}
+    # The report records the same per-rule counts (report.json "rules").
+    assert report.passes[0].rules["int8/linear_dynamic"] == counts["linear layers quantized"]
+    assert report.passes[0].rules.get("int8/embedding", 0) == counts.get("embeddings quantized", 0)
