@@ -209,9 +209,12 @@ def _print_provenance(artifact: Path, manifest: dict) -> None:
                         "model.onnx only (targets onnx and ort)")
     import onnx
 
-    from effc.targets.onnx_export import provenance_summary
+    from effc.targets.onnx_nodes import provenance_summary
 
-    made = provenance_summary(onnx.load(str(artifact / manifest["model_file"]), load_external_data=False))
+    from effc.runtime.manifest import artifact_file
+
+    model = artifact_file(Path(artifact), manifest, manifest["model_file"], "model_file")
+    made = provenance_summary(onnx.load(str(model), load_external_data=False))
     click.echo(f"{'rule':<28} {'nodes':>6}  ops")
     for rule, ops in made.items():
         click.echo(f"{rule or '(untagged)':<28} {sum(ops.values()):>6}  "

@@ -63,7 +63,7 @@ def layer_rules(artifact: Path, manifest: dict) -> dict[str, list[str]]:
     import onnx
 
     from effc.runtime.manifest import artifact_file
-    from effc.targets.onnx_export import provenance
+    from effc.targets.onnx_nodes import provenance
 
     model = onnx.load(str(artifact_file(artifact, manifest, manifest["model_file"], "model_file")),
                       load_external_data=False)

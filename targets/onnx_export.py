@@ -13,6 +13,7 @@ import torch
 
 from effc.errors import EffcError
 from effc.targets.base import BuildResult, layers
+from effc.targets.onnx_nodes import op_label, provenance, set_provenance
 
 OPSET = 20  # opset 23's RotaryEmbedding was rejected by ORT 1.31 for Llama (docs/ONNXRUNTIME.md)
 TWO_GB = 2 * 1024**3
@@ -179,7 +180,7 @@ def result(out_dir: Path, files: list[str], info: dict, exported: onnx.ModelProt
     """The BuildResult of the model.onnx saved in out_dir (after any optimizer of the target's): its
     operators, user inputs and outputs, and the layer probes of `exported` that survive in it."""
     saved = onnx.load(str(out_dir / "model.onnx"), load_external_data=False)
-    ops = Counter((f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in saved.graph.node)
+    ops = Counter(op_label(n) for n in saved.graph.node)
     inputs, outputs = _io_metadata(saved)
     return BuildResult("model.onnx", files, info, final_probes(saved, layer_values(exported, layers(program))),
                        inputs, outputs, dict(ops.most_common()))
@@ -225,22 +226,10 @@ def _strip_debug_metadata(model: onnx.ModelProto) -> None:
             node.metadata_props.extend(kept)
 
 
-PROVENANCE_KEY = "effc.provenance"  # node metadata: "<pass>/<rule>" that made the node (passes/rewrite.py)
-
-
 def _fx_node(node: onnx.NodeProto) -> str | None:
     """The fx node an exported ONNX node came from: the exporter writes "%name : ..." under fx_node."""
     text = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.fx_node"), None)
     return text.split(" ", 1)[0].removeprefix("%") if text else None
-
-
-def provenance(node: onnx.NodeProto) -> str | None:
-    return next((p.value for p in node.metadata_props if p.key == PROVENANCE_KEY), None)
-
-
-def _set_provenance(node: onnx.NodeProto, rule: str) -> None:
-    if provenance(node) is None:
-        node.metadata_props.add(key=PROVENANCE_KEY, value=rule)
 
 
 def tag_provenance(model: onnx.ModelProto, program: torch.export.ExportedProgram,
@@ -265,7 +254,7 @@ def tag_provenance(model: onnx.ModelProto, program: torch.export.ExportedProgram
     for node in model.graph.node:
         rule = traced.get(_fx_node(node))
         if rule:
-            _set_provenance(node, rule)
+            set_provenance(node, rule)
 
 
 def reattach_provenance(exported: onnx.ModelProto, path: Path) -> None:
@@ -294,14 +283,5 @@ def reattach_provenance(exported: onnx.ModelProto, path: Path) -> None:
             owners = set().union(*(readers.get(i, {None}) for i in node.input if i in initializers))
             rule = owners.pop() if len(owners) == 1 else None
         if rule:
-            _set_provenance(node, rule)
+            set_provenance(node, rule)
     onnx.save_model(model, str(path))
-
-
-def provenance_summary(model: onnx.ModelProto) -> dict[str | None, Counter]:
-    """rule (None: untagged) -> operator counts of the nodes it made, rules first by node count."""
-    made: dict[str | None, Counter] = {}
-    for node in model.graph.node:
-        op = (f"{node.domain}." if node.domain not in ("", "ai.onnx") else "") + node.op_type
-        made.setdefault(provenance(node), Counter())[op] += 1
-    return dict(sorted(made.items(), key=lambda kv: (kv[0] is None, -sum(kv[1].values()), kv[0] or "")))

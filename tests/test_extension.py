@@ -20,7 +20,7 @@ from effc.passes.base import Level, Pass, PassConfig, PassContext, PassResult
 from effc.passes.rewrite import GraphEdit, Rule, apply_rules
 from effc.runtime import open as open_artifact
 from effc.sources import load
-from effc.targets.onnx_export import provenance
+from effc.targets.onnx_nodes import provenance
 
 ATOL = 1e-4
 

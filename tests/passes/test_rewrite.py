@@ -127,6 +127,14 @@ def test_inspect_provenance_lists_the_rules_of_an_int8_artifact(hf_dir, tmp_path
     assert rows["int8/linear_dynamic"][2] == f"com.microsoft.DynamicQuantizeMatMul x{counts['linear layers quantized']}"
     assert ("int8/embedding" in rows) == (counts.get("embeddings quantized", 0) > 0)
     assert "(untagged)" in rows and set(rows) <= {"int8/linear_dynamic", "int8/embedding", "(untagged)"}
+    # Reading the tags needs onnx only: inspect stays as light as effc.runtime (no torch import).
+    import subprocess
+    import sys
+
+    code = ("import sys; from effc.cli import main; sys.argv = ['effc', 'inspect', '--provenance', sys.argv[1]]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch')")
+    probe = subprocess.run([sys.executable, "-c", code, str(tmp_path / "art")], capture_output=True, text=True)
+    assert probe.stdout.strip().endswith("no torch"), probe.stdout[-500:] + probe.stderr[-500:]
     # The report records the same per-rule counts (report.json "rules").
     assert report.passes[0].rules["int8/linear_dynamic"] == counts["linear layers quantized"]
     assert report.passes[0].rules.get("int8/embedding", 0) == counts.get("embeddings quantized", 0)
