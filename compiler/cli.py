@@ -97,8 +97,10 @@ _TRUST = click.option("--trust-remote-code", is_flag=True,
 @click.option("--adapter", "adapters", multiple=True, help="PEFT adapter directory to apply on the base (repeatable).")
 @click.option("--passes", "passes", multiple=True, help="Comma-separated passes, in order (see `effc passes`).")
 @click.option("--pass-config", "pass_config", multiple=True, help="pass.key=value (repeatable).")
-@click.option("--target", default="ort", show_default=True, help="onnx (portable), ort (ONNX Runtime) or torch (AOTInductor + effc kernels).")
-@click.option("--input-shapes", help="Example input shapes, e.g. input_ids:1x128,attention_mask:1x128.")
+@click.option("--target", default="ort", show_default=True,
+              help="onnx (portable), ort (ONNX Runtime), torch (AOTInductor + effc kernels) or trt (TensorRT).")
+@click.option("--input-shapes", help="Example input shapes, e.g. input_ids:1x128,attention_mask:1x128; a dim "
+              "MIN-OPT-MAX (input_ids:1-1-8x1-128-512) also sets the TensorRT profile's range, the example takes OPT.")
 @click.option("--atol", default=1e-4, show_default=True, help="Verification tolerance (absolute).")
 @click.option("--rtol", default=1e-3, show_default=True, help="Verification tolerance (relative).")
 @click.option("--no-verify", is_flag=True, help="Skip the check against eager PyTorch.")
@@ -132,7 +134,8 @@ def compile(model, output, adapters, passes, pass_config, target, input_shapes, 
     import effc
 
     report = effc.compile(model, output, adapters=adapters, passes=_split(passes), pass_config=pass_config,
-                          target=target, input_shapes=shapes, verify=not no_verify, atol=atol,
+                          target=target, input_shapes=shapes,
+                          shape_ranges=preflight.parse_shape_ranges(input_shapes), verify=not no_verify, atol=atol,
                           rtol=rtol, dump_ir=dump_ir, calib=calib, calib_data=calib_data, calib_method=calib_method,
                           calib_samples=calib_samples, trust_remote_code=trust_remote_code, task=task, force=force,
                           sign_key=sign_key, progress=_say)
@@ -461,3 +464,24 @@ def list_targets():
         target = getattr(importlib.import_module(module), attr)()
         reason = target.available()
         click.echo(f"{name:<8} {target.summary}" + (f"  [unavailable: {reason}]" if reason else ""))
+
+
+@main.command("build-engine")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--timing-cache", type=click.Path(path_type=Path),
+              help="TensorRT timing cache to read and update (rebuilds of similar models are faster).")
+@_sign_key("The key the artifact was signed with (env EFFC_SIGN_KEY): checked, and the new manifest signed with it.")
+def build_engine(artifact, timing_cache, sign_key):
+    """Build the TensorRT engine of a trt ARTIFACT on this machine (tensorrt and an NVIDIA GPU): engine.plan
+    is written into ARTIFACT, and the manifest records the TensorRT version and the GPU it was built for.
+
+    \b
+    Example:
+      effc compile ./my-llama --passes int8 --calib-data text.txt --target trt -o out/llama-trt
+      effc build-engine out/llama-trt --timing-cache trt-timing.cache
+    """
+    from effc.targets.trt_engine import build_engine as build
+
+    info = build(artifact, timing_cache=timing_cache, sign_key=sign_key, progress=_say)
+    click.echo(f"wrote {artifact}/{info['file']}: TensorRT {info['tensorrt']}, {info['gpu']} "
+               f"(compute capability {info['compute_capability']}), {info['seconds']:.1f} s")

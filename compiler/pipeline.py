@@ -48,6 +48,7 @@ class Job:
     target: str
     target_impl: Any
     input_shapes: dict[str, tuple[int, ...]] | None
+    shape_ranges: dict[str, list[tuple[int, int, int]]] | None  # --input-shapes MIN-OPT-MAX dims (TensorRT profiles)
     verify: bool
     atol: float
     rtol: float
@@ -154,6 +155,7 @@ def _compile(
     pass_config: list[str] | tuple[str, ...] = (),
     target: str = "ort",
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    shape_ranges: dict[str, list[tuple[int, int, int]]] | None = None,
     verify: bool = True,
     atol: float = 1e-4,
     rtol: float = 1e-3,
@@ -178,7 +180,7 @@ def _compile(
     pipeline = preflight.check_compile(source, adapters, passes, pass_config, target, calib, calib_data)
     key = load_key(sign_key) if sign_key is not None else None  # HMAC of the manifest's hash (README, Trust)
     job = Job(source=source, output=Path(output), adapters=tuple(adapters), pipeline=pipeline, target=target,
-              target_impl=get_target(target), input_shapes=input_shapes, verify=verify, atol=atol, rtol=rtol,
+              target_impl=get_target(target), input_shapes=input_shapes, shape_ranges=shape_ranges, verify=verify, atol=atol, rtol=rtol,
               dump_ir=Path(dump_ir) if dump_ir else None, calib=calib, calib_data=calib_data,
               calib_method=calib_method, calib_samples=calib_samples, trust_remote_code=trust_remote_code,
               task=task, force=force,
@@ -294,6 +296,7 @@ def build(s: State) -> State:
     job, src = s.job, s.src
     s.tmp = outdir.make_tmp(job.output)
     with _timed(s, f"build {job.target}"):
+        job.target_impl.prepare(src, job.shape_ranges)
         built = job.target_impl.build(s.program, s.example, s.captured.output_names, s.captured.dynamic, s.tmp,
                                       overridable=frozenset(next(iter(s.ctx.weight_sets.values()), {})))
         weight_sets = _write_weight_sets(s.tmp, s.ctx.weight_sets)

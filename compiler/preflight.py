@@ -91,7 +91,7 @@ def check_compile(source: str, adapters: list[str] | tuple[str, ...] = (), passe
     """
     from effc.passes.base import Need
     from effc.passes.registry import name_problems, resolve
-    from effc.targets.base import TARGETS
+    from effc.targets.base import PASS_DEFAULTS, TARGETS
 
     problems = source_problems(source, adapters) + name_problems(passes, pass_config)
     if target not in TARGETS:
@@ -105,19 +105,38 @@ def check_compile(source: str, adapters: list[str] | tuple[str, ...] = (), passe
         raise EffcError("; ".join(problems))
     have = ({Need.EXAMPLE_INPUTS} | ({Need.CALIBRATION} if calib or calib_data else set())
             | ({Need.CALIBRATION_DATA} if calib_data else set()))
-    return resolve(list(passes), list(pass_config), have=have)
+    implied = {name: settings for name, settings in PASS_DEFAULTS.get(target, {}).items() if name in passes}
+    items = [f"{name}.{k}={v}" for name, settings in implied.items() for k, v in settings.items()]
+    notes = {name: f"--target {target} implies " + ", ".join(f"{name}.{k}={v}" for k, v in settings.items())
+             for name, settings in implied.items()}
+    return resolve(list(passes), items + list(pass_config), have=have, notes=notes)
+
+
+def parse_shape_ranges(text: str | None) -> dict[str, list[tuple[int, int, int]]]:
+    """'input_ids:1-4-8x16-128-512' -> {'input_ids': [(1, 4, 8), (16, 128, 512)]}: each dim is N (fixed) or
+    MIN-OPT-MAX (a TensorRT optimization profile's range; the example input takes OPT)."""
+    shapes: dict[str, list[tuple[int, int, int]]] = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        name, _, dims = item.partition(":")
+        ranges = []
+        for dim in dims.lower().split("x") if dims else []:
+            try:
+                values = [int(v) for v in dim.split("-")]
+            except ValueError:
+                values = []
+            if len(values) == 1:
+                values *= 3
+            if len(values) != 3 or values[0] < 1 or not values[0] <= values[1] <= values[2]:
+                ranges = []
+                break
+            ranges.append(tuple(values))
+        if not name or not ranges:
+            raise EffcError(f"--input-shapes: {item!r} is not name:DIMxDIM with each DIM N or MIN-OPT-MAX, "
+                            "MIN <= OPT <= MAX (for example input_ids:1x128 or input_ids:1-1-8x1-128-512)")
+        shapes[name] = ranges
+    return shapes
 
 
 def parse_shapes(text: str | None) -> dict[str, tuple[int, ...]]:
-    """'input_ids:1x128,attention_mask:1x128' -> {'input_ids': (1, 128), ...}."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for item in filter(None, (s.strip() for s in (text or "").split(","))):
-        name, _, dims = item.partition(":")
-        try:
-            shape = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            shape = ()
-        if not name or not shape or min(shape) < 1:
-            raise EffcError(f"--input-shapes: {item!r} is not name:DIMxDIM (for example input_ids:1x128)")
-        shapes[name] = shape
-    return shapes
+    """'input_ids:1x128,attention_mask:1x128' -> {'input_ids': (1, 128), ...}; a MIN-OPT-MAX dim gives OPT."""
+    return {name: tuple(opt for _, opt, _ in dims) for name, dims in parse_shape_ranges(text).items()}

@@ -26,6 +26,7 @@ class Capability(str, enum.Enum):
     """What a pass makes true of the graph, for the passes that expect it (Pass.provides, Pass.expects)."""
 
     MERGED_WEIGHTS = "merged_weights"  # adapters folded into the base weights
+    QUANTIZED_WEIGHTS = "quantized_weights"  # int8/int4/nf4 weights chosen (half precision converts what is left)
 
 
 @dataclass(frozen=True)

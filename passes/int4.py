@@ -56,6 +56,7 @@ class Int4(Pass[Int4Config]):
     config_class = Int4Config
     summary = "uniform 4-bit block-wise linear weights: round-to-nearest, GPTQ or AWQ"
     expects = frozenset({Capability.MERGED_WEIGHTS})
+    provides = frozenset({Capability.QUANTIZED_WEIGHTS})
     exact = False
 
     def needs(self) -> set[Need]:

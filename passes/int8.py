@@ -74,6 +74,7 @@ class Int8(Pass[Int8Config]):
     config_class = Int8Config
     summary = "int8 linear layers: per-channel weights, activations quantized at run time"
     expects = frozenset({Capability.MERGED_WEIGHTS})
+    provides = frozenset({Capability.QUANTIZED_WEIGHTS})
     exact = False
 
     def needs(self) -> set[Need]:

@@ -52,6 +52,7 @@ class Nf4(Pass[Nf4Config]):
     config_class = Nf4Config
     summary = "NF4 (QLoRA) 4-bit linear weights with double quantization, bitsandbytes-exact"
     expects = frozenset({Capability.MERGED_WEIGHTS})
+    provides = frozenset({Capability.QUANTIZED_WEIGHTS})
     exact = False
 
     def run(self, ep, ctx: PassContext) -> PassResult:

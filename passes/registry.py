@@ -16,6 +16,8 @@ PASSES: dict[str, str] = {
     "int8": "effc.passes.int8:Int8",
     "nf4": "effc.passes.nf4:Nf4",
     "int4": "effc.passes.int4:Int4",
+    "fp16": "effc.passes.half:Fp16",
+    "bf16": "effc.passes.half:Bf16",
 }
 
 
@@ -61,8 +63,9 @@ def name_problems(names: list[str] | tuple[str, ...], config_items: list[str] | 
 
 
 def resolve(names: list[str], config_items: list[str] | tuple[str, ...] = (),
-            have: set[Need] = frozenset({Need.EXAMPLE_INPUTS})) -> list[Pass]:
+            have: set[Need] = frozenset({Need.EXAMPLE_INPUTS}), notes: dict[str, str] | None = None) -> list[Pass]:
     """Validate the whole pipeline before any work: names, config keys and values, needs, ordering.
+    `notes`: pass name -> why its config is what it is (a target's implied settings), said with its needs.
 
     Every problem found is reported together in one message; problems with the names (name_problems)
     are reported first, on their own, because finding them imports no pass module.
@@ -85,7 +88,8 @@ def resolve(names: list[str], config_items: list[str] | tuple[str, ...] = (),
                                 f"write --passes ...,{later.name},{p.name},...")
         missing = p.needs() - set(have)
         for need in sorted(missing, key=lambda n: n.value):
-            problems.append(f"pass {p.name} needs {need.value}, which was not given" + HOW_TO_GIVE.get(need, ""))
+            why = f" ({notes[p.name]})" if notes and p.name in notes else ""
+            problems.append(f"pass {p.name} needs {need.value}{why}, which was not given" + HOW_TO_GIVE.get(need, ""))
     if problems:
         raise EffcError("; ".join(problems))
     return passes

@@ -25,6 +25,10 @@ class Backend:
 BACKENDS = {
     "onnxruntime": Backend("effc.runtime.onnxruntime_runner:OrtRunner", "onnxruntime", "pip install onnxruntime"),
     "torch": Backend("effc.runtime.torch_program:TorchProgram", "torch", "pip install torch=={target[torch]}"),
+    # A TensorRT engine where tensorrt and a matching GPU are present, else model.onnx in ONNX Runtime
+    # (plugins through their reference functions): onnxruntime is what it needs everywhere.
+    "tensorrt": Backend("effc.runtime.tensorrt_runner:TensorRTRunner", "onnxruntime",
+                        "pip install onnxruntime (on a GPU host: pip install 'effc[gpu]')"),
 }
 
 

@@ -40,6 +40,10 @@ class Target:
 
         return registry.translations(self.column)
 
+    def prepare(self, source, shape_ranges: dict[str, list[tuple[int, int, int]]] | None = None) -> None:
+        """Called with the loaded source (effc.sources) and the --input-shapes ranges (input -> one
+        (min, opt, max) per dim) before build, for targets whose build configuration depends on them."""
+
     def build(self, program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor],
               output_names: list[str], dynamic: dict[str, dict[int, str]], out_dir: Path,
               overridable: frozenset[str] = frozenset()) -> BuildResult:
@@ -58,6 +62,14 @@ TARGETS: dict[str, str] = {
     "onnx": "effc.targets.onnx:OnnxTarget",
     "ort": "effc.targets.ort:OrtTarget",
     "torch": "effc.targets.pt2:TorchTarget",
+    "trt": "effc.targets.trt:TrtTarget",
+}
+
+# Pass settings a target implies, applied before the user's --pass-config (which wins). Data, not a
+# Target attribute, so that preflight reads it without importing the target (and torch).
+PASS_DEFAULTS: dict[str, dict[str, dict[str, str]]] = {
+    # TensorRT takes int8 as explicit Q/DQ with calibrated per-tensor activation scales (static W8A8).
+    "trt": {"int8": {"mode": "static"}},
 }
 
 

@@ -5,7 +5,8 @@ before export (check_target).
 Columns: "onnx" (an onnxscript function over standard ops), "ort" (onnxscript, com.microsoft contrib ops
 allowed), "torch" (the name of a kernel in effc's C++ library with the op's schema, e.g.
 "effc_native::nf4_linear", or a callable that decomposes the op into aten ops, for
-ExportedProgram.run_decompositions). A new target adds its column to the ops it can run.
+ExportedProgram.run_decompositions), "trt" (onnxscript over the ops TensorRT's ONNX parser supports,
+or an effc TensorRT plugin node, targets/trt_plugins.py). A new target adds its column to the ops it can run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 # The target columns known today, only to order the error message's list (an op may name any column).
-KNOWN_COLUMNS = ("onnx", "ort", "torch")
+KNOWN_COLUMNS = ("onnx", "ort", "torch", "trt")
 
 
 @dataclass(frozen=True)
