@@ -282,3 +282,105 @@ def compile_check(arch: int, dtype=torch.float16, double_quant: bool = True, has
         info["ptx"], info["cubin"] = ptx, cubin
     return info
 
+
+
+# --------------------------------------------------------------------------------------------
+# The TensorRT plugin's kernels (targets/trt_plugins.py: nf4_gemm, nf4_gemm_dq)
+# --------------------------------------------------------------------------------------------
+# tensorrt.plugin launches an AOT kernel with its arguments in the order: plugin input pointers, the scalar
+# SymInt32 expressions the aot_impl returns, output pointers (TensorRT samples/python/quickly_deployable_plugins,
+# circ_pad_kernel). So each plugin row gets a thin entry point in that order around nf4_linear_kernel (inlined:
+# same numerics); x and out are contiguous [M, K] / [M, N], so the strides are K and N. The packed bytes (and
+# the double-quant codes) arrive as INT32 tensors and are read through *u8 pointers: same bytes, little-endian.
+_PLUGIN_LUT = tl.constexpr(LUT_GATHER)  # the default lookup (fewest instructions, see LUT_GATHER)
+
+
+@triton.jit
+def nf4_gemm_plugin_kernel(x_ptr, packed_ptr, absmax_ptr, lut_ptr, M, N, K, out_ptr,
+                           QBLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, lut_ptr, lut_ptr, lut_ptr, lut_ptr, lut_ptr, out_ptr,
+                      M, N, K, K, 1, N, 1, QBLOCK=QBLOCK, DQ_BLOCK=256, DOUBLE_QUANT=False, HAS_BIAS=False,
+                      LUT_MODE=_PLUGIN_LUT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                      BLOCK_K=BLOCK_K)
+
+
+@triton.jit
+def nf4_gemm_dq_plugin_kernel(x_ptr, packed_ptr, codes_ptr, absmax2_ptr, offset_ptr, lut_ptr, dmap_ptr, M, N, K,
+                              out_ptr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    nf4_linear_kernel(x_ptr, packed_ptr, codes_ptr, absmax2_ptr, offset_ptr, dmap_ptr, lut_ptr, lut_ptr, out_ptr,
+                      M, N, K, K, 1, N, 1, QBLOCK=QBLOCK, DQ_BLOCK=DQ_BLOCK, DOUBLE_QUANT=True, HAS_BIAS=False,
+                      LUT_MODE=_PLUGIN_LUT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                      BLOCK_K=BLOCK_K)
+
+
+# Tactics TensorRT times per profile (autotune): a decode tile (few rows) and a prefill tile.
+PLUGIN_TACTICS = {1: 16, 2: 64}  # tactic -> BLOCK_M
+
+
+def plugin_config(tactic: int, block: int, dtype) -> dict:
+    """Tile sizes of a tactic: pick_config's rules at the tactic's BLOCK_M."""
+    return pick_config(PLUGIN_TACTICS[tactic], block, dtype)
+
+
+def plugin_launch(double_quant: bool, x, packed_words, absmax, absmax2, offset, N, K, block=64, dq_block=256,
+                  tactic=1):
+    """Launch the plugin kernel with TensorRT's argument convention on torch tensors (the GPU, or Triton's
+    interpreter): x [..., K], packed_words/absmax codes as INT32 words; returns [..., N] in x.dtype."""
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    cfg = plugin_config(tactic, block, x.dtype)
+    lut, dmap = _tables(str(x.device))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+                 num_stages=cfg["num_stages"], enable_fp_fusion=False)
+    as_bytes = packed_words.contiguous().view(torch.uint8)
+    if double_quant:
+        nf4_gemm_dq_plugin_kernel[grid](x2, as_bytes, absmax.contiguous().view(torch.uint8), absmax2,
+                                        offset.reshape(-1).float(), lut, dmap, M, N, K, out, QBLOCK=block,
+                                        DQ_BLOCK=dq_block, DOT_PRECISION="ieee", **tiles)
+    else:
+        nf4_gemm_plugin_kernel[grid](x2, as_bytes, absmax, lut, M, N, K, out, QBLOCK=block, DOT_PRECISION="ieee",
+                                     **tiles)
+    return out.reshape(*x.shape[:-1], N)
+
+
+def plugin_kernel(arch: int, dtype, double_quant: bool, tactic: int, N: int, K: int, block: int = 64,
+                  dq_block: int = 256) -> dict:
+    """Compile the plugin's kernel for GPUTarget("cuda", arch, 32) without a GPU: {name, ptx, cubin,
+    num_warps, shared, block_m, block_n, scalars (the SymInt32 arguments, in order), global_scratch}.
+    N and K are the plugin node's attributes, so their 16-divisibility is known here; M (the product of x's
+    leading dims) is dynamic. Needs a process without TRITON_INTERPRET."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = nf4_gemm_dq_plugin_kernel if double_quant else nf4_gemm_plugin_kernel
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        raise RuntimeError("plugin_kernel needs a process started without TRITON_INTERPRET=1")
+    if K % block or block % 16 or block & (block - 1):
+        raise ValueError(f"plugin_kernel: K={K} must be a multiple of block {block}, a power of two >= 16")
+    t = _DTYPES[dtype]
+    cfg = plugin_config(tactic, block, dtype)
+    sig = {"x_ptr": f"*{t}", "packed_ptr": "*u8"}
+    if double_quant:
+        sig.update(codes_ptr="*u8", absmax2_ptr="*fp32", offset_ptr="*fp32", lut_ptr="*fp32", dmap_ptr="*fp32")
+    else:
+        sig.update(absmax_ptr="*fp32", lut_ptr="*fp32")
+    sig.update(M="i32", N="i32", K="i32", out_ptr=f"*{t}")
+    const = dict(QBLOCK=block, DOT_PRECISION="ieee", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                 BLOCK_K=cfg["BLOCK_K"], **({"DQ_BLOCK": dq_block} if double_quant else {}))
+    for k in const:
+        sig[k] = "constexpr"
+    # TensorRT allocates every plugin tensor 256-byte aligned; N, K divisibility only where it holds.
+    aligned = [a for a in sig if a.endswith("_ptr")] + [a for a, v in (("N", N), ("K", K)) if v % 16 == 0]
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                        target=GPUTarget("cuda", arch, 32),
+                        options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False))
+    return dict(name=ck.metadata.name, ptx=ck.asm["ptx"], cubin=ck.asm.get("cubin", b""),
+                num_warps=ck.metadata.num_warps, shared=ck.metadata.shared, block_m=cfg["BLOCK_M"],
+                block_n=cfg["BLOCK_N"], scalars=("M", "N", "K"),
+                global_scratch=getattr(ck.metadata, "global_scratch_size", 0),
+                profile_scratch=getattr(ck.metadata, "profile_scratch_size", 0))

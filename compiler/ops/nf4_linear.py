@@ -8,9 +8,13 @@ import onnx
 import torch
 from onnxscript import opset20 as op
 
+from effc.errors import EffcError
 from effc.formats.nf4 import DYNAMIC_MAP_SIGNED, NF4_CODE, dequantize_nf4, linear_state
 from effc.ops.registry import Op, register
 from effc.targets.contrib_ops import msft
+from effc.targets.trt_plugins import placeholder_opset
+
+_pending = placeholder_opset()
 
 
 @torch.library.custom_op("effc::nf4_linear", mutates_args=())
@@ -77,5 +81,22 @@ def nf4_linear_portable(x, packed, absmax, absmax2, offset, bias, out_features: 
     return y if bias is None else op.Add(y, bias)
 
 
+def nf4_linear_trt(x, packed, absmax, absmax2, offset, bias, out_features: int, in_features: int, block: int,
+                   dq_block: int):
+    """TensorRT: effc's Triton NF4 dequant-GEMM as a plugin (targets/trt_plugins.py). This emits the
+    placeholder that trt_plugins.finalize() turns into the nf4_gemm / nf4_gemm_dq plugin node, its INT32
+    weight initializers and its reference function; the bias is a standard Add that TensorRT fuses."""
+    if in_features % block:
+        raise EffcError(f"effc::nf4_linear with in_features {in_features} not a multiple of its block {block} has "
+                        "no TensorRT plugin (the kernel needs whole blocks per row); use --target onnx or ort")
+    if absmax2 is None:
+        y = _pending.nf4_gemm(x, packed, absmax, N=out_features, K=in_features, block=block)
+    else:
+        y = _pending.nf4_gemm_dq(x, packed, absmax, absmax2, offset, N=out_features, K=in_features, block=block,
+                                 dq_block=dq_block)
+    return y if bias is None else op.Add(y, bias)
+
+
 OP = register(Op(torch.ops.effc.nf4_linear.default,
-                 {"onnx": nf4_linear_portable, "ort": nf4_linear_ort, "torch": "effc_native::nf4_linear"}, fake))
+                 {"onnx": nf4_linear_portable, "ort": nf4_linear_ort, "torch": "effc_native::nf4_linear",
+                  "trt": nf4_linear_trt}, fake))

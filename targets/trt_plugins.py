@@ -1,0 +1,378 @@
+"""effc's TensorRT plugins: one row per effc op that TensorRT has no layer for. Torch-free at import
+(tensorrt, torch and triton are imported inside the functions that need them).
+
+How a plugin gets into model.onnx:
+  1. The op's "trt" translation (compiler/ops/<op>.py) emits a placeholder node (domain PENDING, op_type =
+     the plugin name) over the exporter's tensors: the exporter cannot make the plugin's storage (INT32 views
+     of packed bytes) and must not constant-fold the weights.
+  2. finalize() turns each placeholder into the plugin node the way TensorRT's ONNX parser matches
+     tensorrt.plugin ahead-of-time plugins (TensorRT samples/python/quickly_deployable_plugins: op_type = plugin
+     name, string attribute plugin_namespace, aot = 1; the parser also reads plugin_version, default "1"), and
+     adds one model-local ONNX function per plugin used (domain DOMAIN, name = plugin name) whose body is the
+     reference computation in standard ops. ONNX Runtime inlines model-local functions, so the same model.onnx
+     runs on any machine.
+  3. The engine builder parses without_functions(model): onnx-tensorrt's ModelImporter.cpp (parseNode)
+     dispatches on op_type alone, builtin importers first, then `ctx->localFunctions().count(nodeType)` ->
+     LocalFunctionImporter, and only then FallbackPluginImporter. A model-local function of the plugin's name
+     would be imported as its body and the plugin never used; without the function the parser falls back to
+     the plugin registry (name, plugin_version, plugin_namespace), where register_with_tensorrt() put it.
+
+A new plugin (window attention, MoE) is one more Plugin row: its placeholder inputs and attributes, how its
+placeholder inputs become plugin inputs (`lower`), its reference function body, and its tensorrt.plugin
+registration (`register`).
+"""
+
+# No `from __future__ import annotations`: tensorrt.plugin reads the registration functions' annotations as
+# classes (issubclass(param.annotation, TensorDesc)).
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DOMAIN = "effc.trt"  # plugin nodes and their reference functions
+PENDING = "effc.internal.trt"  # placeholders, made by the "trt" translations, gone after finalize()
+NAMESPACE = "effc"
+
+
+@dataclass(frozen=True)
+class Plugin:
+    name: str  # ONNX op_type = tensorrt.plugin name (registered as "<namespace>::<name>")
+    op: str  # the effc op it implements ("effc::nf4_linear")
+    inputs: tuple[str, ...]  # placeholder inputs (the translation's tensors), in order
+    attributes: tuple[str, ...]  # INT attributes, on the placeholder and on the plugin node
+    lower: Callable  # (placeholder node, {name: initializer}, shared) -> (plugin node inputs, new initializers)
+    body: Callable  # (opset) -> list[NodeProto]: reference computation, inputs `plugin_inputs`, output "y"
+    plugin_inputs: tuple[str, ...]  # the plugin node's inputs (= the function's), in the kernel's order
+    register: Callable  # (tensorrt.plugin module, Plugin) -> None: desc, autotune, aot_impl
+    namespace: str = NAMESPACE
+    version: str = "1"
+    summary: str = ""
+    node_attributes: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "node_attributes", self.attributes + ("plugin_namespace", "plugin_version", "aot"))
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.namespace}::{self.name}"
+
+    def function(self, opset: int) -> onnx.FunctionProto:
+        """The model-local function with the reference computation. It declares every attribute the plugin
+        node carries (ONNX Runtime rejects a node attribute its function does not declare); the plugin
+        attributes (namespace, version, aot) are only for TensorRT and unused by the body."""
+        return helper.make_function(DOMAIN, self.name, list(self.plugin_inputs), ["y"], self.body(),
+                                    [helper.make_opsetid("", opset)], list(self.node_attributes))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference-body helpers: standard ops only, attribute references for the plugin's INT attributes.
+# ----------------------------------------------------------------------------------------------------
+
+class _Body:
+    """Builds a function body with fresh value names."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def __call__(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
+        self._n += 1
+        name = out or f"t{self._n}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], **attrs))
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        return self("Constant", value=numpy_helper.from_array(np.asarray(value, dtype)))
+
+    def attr(self, name: str) -> str:
+        """A scalar int64 tensor holding the node's INT attribute `name` (Constant value_int = @name)."""
+        self._n += 1
+        out = f"t{self._n}"
+        node = helper.make_node("Constant", [], [out])
+        ref = onnx.AttributeProto(name="value_int", ref_attr_name=name, type=onnx.AttributeProto.INT)
+        node.attribute.append(ref)
+        self.nodes.append(node)
+        return out
+
+    def bytes_at(self, words: str, index: str) -> str:
+        """Byte `index` (int64 tensor) of little-endian INT32 words, as int64 0..255: arithmetic only (no
+        bitwise ops on INT32 in every runtime, and no bit-casts in ONNX)."""
+        w = self("Gather", words, self("Div", index, self.const(4)))
+        w = self("Mod", self("Add", self("Cast", w, to=TensorProto.INT64), self.const(1 << 32)), self.const(1 << 32))
+        shift = self("Gather", self.const([1, 1 << 8, 1 << 16, 1 << 24]), self("Mod", index, self.const(4)))
+        return self("Mod", self("Div", w, shift), self.const(256))
+
+
+def int32_words(data: np.ndarray) -> np.ndarray:
+    """Bytes -> little-endian INT32 words (zero-padded to a multiple of 4): TensorRT takes UINT8 only as
+    network IO and INT8 only behind Q/DQ (support matrix notes), so packed bytes travel as INT32 initializers;
+    the kernel reads them through a byte pointer either way."""
+    flat = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+    flat = np.concatenate([flat, np.zeros(-len(flat) % 4, np.uint8)])
+    return flat.view("<i4").copy()
+
+
+# ----------------------------------------------------------------------------------------------------
+# NF4 dequant-GEMM (effc::nf4_linear): y = x @ W^T, W in bitsandbytes' NF4 layout (effc.formats.nf4).
+# Two rows, nf4_gemm (float absmax) and nf4_gemm_dq (double-quantized absmax): their inputs differ in
+# number and type, and TensorRT's autotune declares types per IO position, so one row with a mode attribute
+# would need optional inputs, which tensorrt.plugin's TensorDesc signature cannot express. Bias is a
+# standard Add after the node (TensorRT fuses it), so the kernel runs with HAS_BIAS=False.
+# ----------------------------------------------------------------------------------------------------
+
+NF4_TABLE = "effc_nf4_code"  # the 16 NF4 values, one initializer shared by every nf4 node
+DYNAMIC_MAP = "effc_dynamic_map"  # bitsandbytes' signed dynamic map (double-quant codes), likewise
+
+
+def _shared_tables() -> dict[str, np.ndarray]:
+    from effc.formats.nf4 import DYNAMIC_MAP_SIGNED, NF4_CODE  # torch; only when finalize() has nf4 nodes
+
+    return {NF4_TABLE: NF4_CODE.numpy().astype(np.float32), DYNAMIC_MAP: DYNAMIC_MAP_SIGNED.numpy().astype(np.float32)}
+
+
+def _nf4_lower(double_quant: bool):
+    def lower(node: onnx.NodeProto, inits: dict[str, TensorProto], shared: dict[str, np.ndarray]):
+        base = node.output[0]
+        packed = numpy_helper.to_array(inits[node.input[1]])
+        new = [numpy_helper.from_array(int32_words(packed), f"{base}_packed")]
+        if double_quant:
+            codes = numpy_helper.to_array(inits[node.input[2]])
+            absmax2 = numpy_helper.to_array(inits[node.input[3]]).astype(np.float32).reshape(-1)
+            offset = numpy_helper.to_array(inits[node.input[4]]).astype(np.float32).reshape(1)
+            new += [numpy_helper.from_array(int32_words(codes), f"{base}_absmax_codes"),
+                    numpy_helper.from_array(absmax2, f"{base}_absmax2"), numpy_helper.from_array(offset, f"{base}_offset")]
+            tables = [NF4_TABLE, DYNAMIC_MAP]
+        else:
+            absmax = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(-1)
+            new.append(numpy_helper.from_array(absmax, f"{base}_absmax"))
+            tables = [NF4_TABLE]
+        for t in tables:
+            shared.setdefault(t, _shared_tables()[t])
+        return [node.input[0]] + [t.name for t in new] + tables, new
+    return lower
+
+
+def _nf4_body(double_quant: bool):
+    def body() -> list[onnx.NodeProto]:
+        b = _Body()
+        n, k, block = b.attr("N"), b.attr("K"), b.attr("block")
+        nk = b("Mul", n, k)
+        e = b("Range", b.const(0), nk, b.const(1))  # flat row-major element index
+        byte = b.bytes_at("packed", b("Div", e, b.const(2)))
+        # element 2j is the high nibble of byte j, 2j+1 the low one
+        nibble = b("Mod", b("Div", byte, b("Gather", b.const([16, 1]), b("Mod", e, b.const(2)))), b.const(16))
+        values = b("Gather", "code", nibble)
+        if double_quant:
+            # bitsandbytes' decode: dynamic_map[code8] * absmax2[i // dq_block] + offset, two float32 roundings
+            blocks = b("Div", b("Add", nk, b("Sub", block, b.const(1))), block)
+            i = b("Range", b.const(0), blocks, b.const(1))
+            code8 = b.bytes_at("absmax_codes", i)
+            absmax = b("Add", b("Mul", b("Gather", "dynamic_map", code8),
+                                b("Gather", "absmax2", b("Div", i, b.attr("dq_block")))), "offset")
+        else:
+            absmax = "absmax"
+        w = b("Mul", values, b("Gather", absmax, b("Div", e, block)))
+        shape = b("Concat", b("Unsqueeze", n, b.const([0])), b("Unsqueeze", k, b.const([0])), axis=0)
+        w_t = b("Transpose", b("Reshape", w, shape), perm=[1, 0])
+        b("MatMul", "x", b("CastLike", w_t, "x"), out="y")
+        return b.nodes
+    return body
+
+
+def _nf4_aot(trtp, x, outputs, tactic: int, N: int, K: int, block: int, dq_block: int, double_quant: bool):
+    """aot_impl: effc's Triton kernel compiled for the build GPU (triton's active target), launched with
+    grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)) and the SymInt32 scalars M (product of x's leading dims), N, K."""
+    import tensorrt as trt
+    import torch
+    import triton
+
+    from effc.targets import triton_nf4
+
+    dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}[x.dtype]
+    arch = triton.runtime.driver.active.get_current_target().arch
+    k = triton_nf4.plugin_kernel(arch, dtype, double_quant, tactic, N, K, block, dq_block)
+    m = x.shape_expr[0]
+    for i in range(1, x.ndim - 1):
+        m = m * x.shape_expr[i]
+    launch = trtp.KernelLaunchParams()
+    launch.grid_x = trtp.cdiv(m, k["block_m"])
+    launch.grid_y = -(-N // k["block_n"])
+    launch.block_x = k["num_warps"] * 32
+    launch.shared_mem = k["shared"]
+    scalars = {"M": m, "N": N, "K": K}
+    return k["name"], k["ptx"], launch, trtp.SymIntExprs.from_tuple([trtp.SymInt32(scalars[s]) for s in k["scalars"]])
+
+
+def _nf4_out(x, N: int):
+    y = x.like()
+    y.shape_expr[x.ndim - 1] = N
+    return y
+
+
+def _nf4_tune(trtp, fixed: str):
+    from effc.targets.triton_nf4 import PLUGIN_TACTICS
+
+    return [trtp.AutoTuneCombination(f"FP32|FP16|BF16, {fixed}, FP32|FP16|BF16", "LINEAR", list(PLUGIN_TACTICS))]
+
+
+def _register_nf4(trtp, plugin: Plugin) -> None:
+    """tensorrt.plugin reads each function's signature (input names, then attributes with their types), so
+    each row spells its own; the work is shared above. INT attributes arrive as INT32 plugin fields from the
+    ONNX parser (onnx-tensorrt loadFields), which tensorrt.plugin converts with int()."""
+    TD = trtp.TensorDesc
+    q = plugin.qualified
+    if plugin.name == "nf4_gemm":
+        @trtp.register(q)
+        def desc(x: TD, packed: TD, absmax: TD, code: TD, N: int, K: int, block: int) -> TD:
+            return _nf4_out(x, N)
+
+        @trtp.autotune(q)
+        def tune(x, packed, absmax, code, outputs):
+            return _nf4_tune(trtp, "INT32, FP32, FP32")
+
+        @trtp.aot_impl(q)
+        def aot(x, packed, absmax, code, N, K, block, outputs, tactic) -> tuple[
+                str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+            return _nf4_aot(trtp, x, outputs, tactic, N, K, block, 256, False)
+    else:
+        @trtp.register(q)
+        def desc_dq(x: TD, packed: TD, absmax_codes: TD, absmax2: TD, offset: TD, code: TD, dynamic_map: TD,
+                    N: int, K: int, block: int, dq_block: int) -> TD:
+            return _nf4_out(x, N)
+
+        @trtp.autotune(q)
+        def tune_dq(x, packed, absmax_codes, absmax2, offset, code, dynamic_map, outputs):
+            return _nf4_tune(trtp, "INT32, INT32, FP32, FP32, FP32, FP32")
+
+        @trtp.aot_impl(q)
+        def aot_dq(x, packed, absmax_codes, absmax2, offset, code, dynamic_map, N, K, block, dq_block, outputs,
+                   tactic) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+            return _nf4_aot(trtp, x, outputs, tactic, N, K, block, dq_block, True)
+
+
+def _nf4_row(name: str, double_quant: bool) -> Plugin:
+    dq = double_quant
+    return Plugin(
+        name=name, op="effc::nf4_linear",
+        inputs=("x", "packed", "absmax") + (("absmax2", "offset") if dq else ()),
+        attributes=("N", "K", "block") + (("dq_block",) if dq else ()),
+        plugin_inputs=("x", "packed") + (("absmax_codes", "absmax2", "offset", "code", "dynamic_map") if dq
+                                         else ("absmax", "code")),
+        lower=_nf4_lower(dq), body=_nf4_body(dq), register=_register_nf4,
+        summary="NF4 dequant-GEMM" + (" (double-quantized absmax)" if dq else ""))
+
+
+PLUGINS: dict[str, Plugin] = {p.name: p for p in (_nf4_row("nf4_gemm", False), _nf4_row("nf4_gemm_dq", True))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Placeholders (what the "trt" translations emit)
+# ----------------------------------------------------------------------------------------------------
+
+def _register_placeholder_schemas() -> None:
+    from onnx.defs import OpSchema
+
+    for p in PLUGINS.values():
+        if onnx.defs.has(p.name, PENDING):
+            continue
+        params = [OpSchema.FormalParameter(i, "tensor(float)" if i == "x" else "T" + i) for i in p.inputs]
+        params[0] = OpSchema.FormalParameter("x", "T")
+        constraints = [("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations")]
+        constraints += [("T" + i, ["tensor(uint8)", "tensor(float)"], i) for i in p.inputs[1:]]
+        onnx.defs.register_schema(OpSchema(
+            p.name, PENDING, 1, inputs=params, outputs=[OpSchema.FormalParameter("y", "T")],
+            type_constraints=constraints, attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT) for a in p.attributes]))
+
+
+_register_placeholder_schemas()
+
+
+def placeholder_opset():
+    """The onnxscript Opset the "trt" translations call: placeholder(plugin name)(*inputs, **attributes)."""
+    from onnxscript.values import Opset
+
+    return Opset(PENDING, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The contract used by the trt target and the engine builder
+# ----------------------------------------------------------------------------------------------------
+
+def plugin_of(node: onnx.NodeProto) -> Plugin | None:
+    """The registered plugin `node` calls (domain DOMAIN, op_type = its name, plugin_namespace = its
+    namespace), else None."""
+    if node.domain != DOMAIN:
+        return None
+    p = PLUGINS.get(node.op_type)
+    ns = next((a.s.decode() for a in node.attribute if a.name == "plugin_namespace"), None)
+    return p if p is not None and ns == p.namespace else None
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
+
+
+def finalize(model: onnx.ModelProto) -> int:
+    """Placeholders -> plugin nodes (+ their initializers) and one model-local reference function per plugin
+    used; returns how many nodes were replaced. In place."""
+    inits = {t.name: t for t in model.graph.initializer}
+    shared: dict[str, np.ndarray] = {}
+    nodes, used, count = [], {}, 0
+    for node in model.graph.node:
+        if node.domain != PENDING:
+            nodes.append(node)
+            continue
+        p = PLUGINS[node.op_type]
+        inputs, new = p.lower(node, inits, shared)
+        attrs = {a.name: a.i for a in node.attribute}
+        nodes.append(helper.make_node(p.name, inputs, list(node.output), name=node.name, domain=DOMAIN,
+                                      plugin_namespace=p.namespace, plugin_version=p.version, aot=1,
+                                      **{a: attrs[a] for a in p.attributes}))
+        nodes[-1].metadata_props.extend(node.metadata_props)
+        model.graph.initializer.extend(new)
+        used[p.name] = p
+        count += 1
+    if not count:
+        return 0
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in shared.items() if k not in inits)
+    reads = {i for n in nodes for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in reads]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    opset = _opset(model)
+    have = {(f.domain, f.name) for f in model.functions}
+    model.functions.extend(p.function(opset) for p in used.values() if (DOMAIN, p.name) not in have)
+    imports = [i for i in model.opset_import if i.domain not in (PENDING, DOMAIN)]
+    del model.opset_import[:]
+    model.opset_import.extend(imports + [helper.make_opsetid(DOMAIN, 1)])
+    return count
+
+
+def without_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without the plugins' reference functions: what the engine builder hands trt.OnnxParser, so the
+    parser takes the plugin and never the body (module docstring, point 3)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [f for f in out.functions if not (f.domain == DOMAIN and f.name in PLUGINS)]
+    del out.functions[:]
+    out.functions.extend(keep)
+    return out
+
+
+_registered = False
+
+
+def register_with_tensorrt() -> None:
+    """Register every plugin with tensorrt.plugin (desc, autotune, aot_impl). Idempotent."""
+    global _registered
+    if _registered:
+        return
+    import tensorrt.plugin as trtp
+
+    for p in PLUGINS.values():
+        p.register(trtp, p)
+    _registered = True
