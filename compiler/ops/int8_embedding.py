@@ -26,5 +26,11 @@ def int8_embedding_onnx(indices, weight, scale):
     return op.Mul(rows, op.Unsqueeze(op.Gather(scale, indices, axis=0), [-1]))
 
 
-OP = register(Op(torch.ops.effc.int8_embedding.default, {"onnx": int8_embedding_onnx, "ort": int8_embedding_onnx},
-                 fake))
+def int8_embedding_trt(indices, weight, scale):
+    """TensorRT takes int8 only through DequantizeLinear: the table dequantized per row (axis 0, a weight),
+    then Gather in float. Same float32 products as the reference (weight * scale per row)."""
+    return op.Gather(op.DequantizeLinear(weight, scale, axis=0), indices, axis=0)
+
+
+OP = register(Op(torch.ops.effc.int8_embedding.default,
+                 {"onnx": int8_embedding_onnx, "ort": int8_embedding_onnx, "trt": int8_embedding_trt}, fake))

@@ -53,4 +53,4 @@ def int8_linear_static_ort(x, x_scale, weight_t, weight_scale, bias=None):
 
 
 OP = register(Op(torch.ops.effc.int8_linear_static.default,
-                 {"onnx": int8_linear_static_qdq, "ort": int8_linear_static_ort}, fake))
+                 {"onnx": int8_linear_static_qdq, "ort": int8_linear_static_ort, "trt": int8_linear_static_qdq}, fake))

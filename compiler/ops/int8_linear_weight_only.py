@@ -49,4 +49,5 @@ def int8_linear_weight_only_ort(x, weight_t, weight_scale, bias=None):
 
 
 OP = register(Op(torch.ops.effc.int8_linear_weight_only.default,
-                 {"onnx": int8_linear_weight_only_qdq, "ort": int8_linear_weight_only_ort}, fake))
+                 {"onnx": int8_linear_weight_only_qdq, "ort": int8_linear_weight_only_ort,
+                  "trt": int8_linear_weight_only_qdq}, fake))

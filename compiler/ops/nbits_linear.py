@@ -80,5 +80,7 @@ def nbits_linear_portable(x, packed, scales, zero_points, bias, in_features: int
     return y if bias is None else op.Add(y, bias)
 
 
+# trt takes the symmetric float-activation form only (explicit quantization): TrtTarget refuses zero
+# points and int8_activations before export, in one line.
 OP = register(Op(torch.ops.effc.nbits_linear.default,
-                 {"onnx": nbits_linear_portable, "ort": nbits_linear_ort}, fake))
+                 {"onnx": nbits_linear_portable, "ort": nbits_linear_ort, "trt": nbits_linear_portable}, fake))
