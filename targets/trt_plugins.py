@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from effc.errors import EffcError
+
 DOMAIN = "effc.trt"  # plugin nodes and their reference functions
 PENDING = "effc.internal.trt"  # placeholders, made by the "trt" translations, gone after finalize()
 NAMESPACE = "effc"
@@ -46,6 +48,7 @@ class Plugin:
     body: Callable  # (opset) -> list[NodeProto]: reference computation, inputs `plugin_inputs`, output "y"
     plugin_inputs: tuple[str, ...]  # the plugin node's inputs (= the function's), in the kernel's order
     register: Callable  # (tensorrt.plugin module, Plugin) -> None: desc, autotune, aot_impl
+    check: Callable = lambda attrs: None  # {attribute: value} -> why the kernel cannot take this node, or None
     namespace: str = NAMESPACE
     version: str = "1"
     summary: str = ""
@@ -252,6 +255,15 @@ def _register_nf4(trtp, plugin: Plugin) -> None:
             return _nf4_aot(trtp, x, outputs, tactic, N, K, block, dq_block, True)
 
 
+def _nf4_check(attrs: dict) -> str | None:
+    if attrs["K"] % attrs["block"]:
+        return (f"in_features {attrs['K']} is not a multiple of the NF4 block {attrs['block']} (the kernel needs "
+                "whole blocks per row)")
+    if attrs["block"] < 16 or attrs["block"] & (attrs["block"] - 1):
+        return f"the NF4 block {attrs['block']} is not a power of two >= 16"
+    return None
+
+
 def _nf4_row(name: str, double_quant: bool) -> Plugin:
     dq = double_quant
     return Plugin(
@@ -260,7 +272,7 @@ def _nf4_row(name: str, double_quant: bool) -> Plugin:
         attributes=("N", "K", "block") + (("dq_block",) if dq else ()),
         plugin_inputs=("x", "packed") + (("absmax_codes", "absmax2", "offset", "code", "dynamic_map") if dq
                                          else ("absmax", "code")),
-        lower=_nf4_lower(dq), body=_nf4_body(dq), register=_register_nf4,
+        lower=_nf4_lower(dq), body=_nf4_body(dq), register=_register_nf4, check=_nf4_check,
         summary="NF4 dequant-GEMM" + (" (double-quantized absmax)" if dq else ""))
 
 
@@ -316,7 +328,14 @@ def _opset(model: onnx.ModelProto) -> int:
 
 def finalize(model: onnx.ModelProto) -> int:
     """Placeholders -> plugin nodes (+ their initializers) and one model-local reference function per plugin
-    used; returns how many nodes were replaced. In place."""
+    used; returns how many nodes were replaced. In place; a node the plugin cannot take raises EffcError
+    before anything is changed."""
+    for node in model.graph.node:
+        p = PLUGINS.get(node.op_type) if node.domain == PENDING else None
+        why = p and p.check({a.name: a.i for a in node.attribute})
+        if why:
+            raise EffcError(f"{p.op} at {node.name or node.output[0]} has no TensorRT plugin: {why}; use --target "
+                            "onnx or ort, or --pass-config nf4.block= one that divides it")
     inits = {t.name: t for t in model.graph.initializer}
     shared: dict[str, np.ndarray] = {}
     nodes, used, count = [], {}, 0
@@ -325,8 +344,8 @@ def finalize(model: onnx.ModelProto) -> int:
             nodes.append(node)
             continue
         p = PLUGINS[node.op_type]
-        inputs, new = p.lower(node, inits, shared)
         attrs = {a.name: a.i for a in node.attribute}
+        inputs, new = p.lower(node, inits, shared)
         nodes.append(helper.make_node(p.name, inputs, list(node.output), name=node.name, domain=DOMAIN,
                                       plugin_namespace=p.namespace, plugin_version=p.version, aot=1,
                                       **{a: attrs[a] for a in p.attributes}))

@@ -8,7 +8,6 @@ import onnx
 import torch
 from onnxscript import opset20 as op
 
-from effc.errors import EffcError
 from effc.formats.nf4 import DYNAMIC_MAP_SIGNED, NF4_CODE, dequantize_nf4, linear_state
 from effc.ops.registry import Op, register
 from effc.targets.contrib_ops import msft
@@ -85,10 +84,8 @@ def nf4_linear_trt(x, packed, absmax, absmax2, offset, bias, out_features: int, 
                    dq_block: int):
     """TensorRT: effc's Triton NF4 dequant-GEMM as a plugin (targets/trt_plugins.py). This emits the
     placeholder that trt_plugins.finalize() turns into the nf4_gemm / nf4_gemm_dq plugin node, its INT32
-    weight initializers and its reference function; the bias is a standard Add that TensorRT fuses."""
-    if in_features % block:
-        raise EffcError(f"effc::nf4_linear with in_features {in_features} not a multiple of its block {block} has "
-                        "no TensorRT plugin (the kernel needs whole blocks per row); use --target onnx or ort")
+    weight initializers and its reference function (and refuses layouts the kernel cannot take); the bias
+    is a standard Add that TensorRT fuses."""
     if absmax2 is None:
         y = _pending.nf4_gemm(x, packed, absmax, N=out_features, K=in_features, block=block)
     else:
