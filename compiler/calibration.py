@@ -215,12 +215,60 @@ def _check_tensors(path: Path, tensors) -> None:
             raise EffcError(f"{path}: tensor {name} has a channel_absmax that is not a list of finite numbers{redo}")
 
 
-def tensorrt_cache(doc: dict) -> str:
-    """TensorRT's calibration cache text: one `name: <float32 scale as big-endian hex>` line per tensor."""
-    lines = ["TRT-8600-EntropyCalibration2"]
-    for name, t in doc["tensors"].items():
-        lines.append(f"{name}: {struct.pack('>f', t['scale']).hex()}")
+# The header names the calibrator that reads the table, not effc's method: trtexec --calib and TensorRT's
+# IInt8EntropyCalibrator2 take "TRT-<NV_TENSORRT_VERSION>-EntropyCalibration2" (version = major*10000 +
+# minor*100 + patch since TensorRT 10, NvInferRuntimeBase.h; 100000 = 10.0.0, effc's oldest TensorRT).
+# ModelOpt's reader (modelopt/onnx/quantization/calib_utils.py import_scales_from_calib_cache) skips it.
+TRT_CACHE_HEADER = "TRT-100000-EntropyCalibration2"
+
+
+def tensorrt_cache(doc: dict, tensors: dict[str, str]) -> str:
+    """TensorRT's calibration cache: the header, then one `<tensor>: <hex>` line per ONNX tensor that feeds a
+    calibrated linear's MatMul, <hex> the big-endian float32 bits of its int8 scale amax / 127 (what TensorRT
+    writes, and what ModelOpt unpacks with struct "!f" and sets as the tensor's QuantizeLinear scale).
+    `tensors`: calibrated module -> that ONNX tensor (tensorrt_tensors). Layers sharing an input (q/k/v)
+    share one line."""
+    scales: dict[str, float] = {}
+    for module, t in doc["tensors"].items():
+        name = tensors.get(module)
+        if not name:
+            raise EffcError(f"the TensorRT graph has no tensor for the input of {module}, so the TensorRT cache "
+                            "cannot name its range; calibrate without --trt-cache and report the model")
+        if ": " in name or "\n" in name:
+            raise EffcError(f"ONNX tensor {name!r} (input of {module}) cannot be a TensorRT cache key "
+                            "(it holds ': ' or a newline); report the model")
+        scales[name] = max(scales.get(name, 0.0), t["amax"] / 127)  # one tensor, one histogram: equal
+    lines = [TRT_CACHE_HEADER] + [f"{name}: {struct.pack('>f', scale).hex()}" for name, scale in scales.items()]
     return "\n".join(lines) + "\n"
+
+
+def tensorrt_tensors(src, captured, example: dict) -> dict[str, str]:
+    """Calibrated module -> the ONNX tensor its MatMul reads in the float TensorRT-ready graph: the model.onnx
+    `effc compile MODEL --target trt` writes without passes, built by the trt target itself (so the names are
+    that graph's) into a scratch directory. The layer probes (as for effc debug) give each layer's output; the
+    MatMul is found walking back from it through a bias Add. Its input, not the probe's input (which may be
+    the value before a Reshape), is the tensor ModelOpt and TensorRT put the activation's Q/DQ on."""
+    import tempfile
+
+    import onnx
+
+    import effc.ops  # noqa: F401  (registers torch.ops.effc, which the trt target inspects before export)
+    from effc.targets.base import get_target
+
+    target = get_target("trt")
+    target.prepare(src, None)
+    with tempfile.TemporaryDirectory(prefix="effc-trt-cache-") as tmp:
+        built = target.build(captured.program, example, captured.output_names, captured.dynamic, Path(tmp))
+        model = onnx.load(str(Path(tmp) / built.model_file), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = {}
+    for module, p in built.probes.items():
+        node = producer.get(p["output"])
+        while node is not None and node.op_type == "Add":
+            node = next((producer[i] for i in node.input if i in producer), None)
+        if node is not None and node.op_type in ("MatMul", "Gemm"):
+            found[module] = node.input[0]
+    return found
 
 
 def data_sha256(path: Path) -> str:
@@ -269,8 +317,9 @@ def collect(src, program, example: dict, data: str, method: str = "entropy", sam
 
 def run(source: str, data: str, output: str | Path, method: str = "entropy", samples: int | None = None,
         max_length: int = 128, batch_size: int = 8, percentile: float = 99.99, adapters=(),
-        progress_bar=None, trust_remote_code: bool = False) -> dict:
-    """`effc calibrate`: load and capture `source`, calibrate, write the calibration file."""
+        progress_bar=None, trust_remote_code: bool = False, trt_cache: str | Path | None = None) -> dict:
+    """`effc calibrate`: load and capture `source`, calibrate, write the calibration file (and with
+    trt_cache, TensorRT's calibration cache for the model's trt graph; both or neither)."""
     from effc import sources
     from effc.capture import capture
     from effc.inputs import dynamic_dims, example_inputs
@@ -280,8 +329,13 @@ def run(source: str, data: str, output: str | Path, method: str = "entropy", sam
     src = sources.load(source, adapters, trust_remote_code=trust_remote_code)
     example = example_inputs(src.model, src.config, None, src.example_inputs)
     total = check_data(src, example, data)
-    program = capture(src.model, example, dynamic_dims(example)).program
-    doc = collect(src, program, example, data, method, samples, max_length, batch_size, percentile, progress_bar,
-                  total=total)
+    captured = capture(src.model, example, dynamic_dims(example))
+    doc = collect(src, captured.program, example, data, method, samples, max_length, batch_size, percentile,
+                  progress_bar, total=total)
+    cache = tensorrt_cache(doc, tensorrt_tensors(src, captured, example)) if trt_cache else None
     write(Path(output), doc)
+    if cache is not None:
+        tmp = Path(trt_cache).with_name(Path(trt_cache).name + ".tmp")
+        tmp.write_text(cache)
+        tmp.replace(trt_cache)
     return doc

@@ -265,7 +265,7 @@ def run(artifact, inputs_npz, save_outputs, threads, adapter, sign_key):
 @click.option("--percentile", default=99.99, show_default=True, help="For --method percentile.")
 @click.option("--adapter", "adapters", multiple=True, help="PEFT adapter directory (repeatable).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Calibration file to write (.json).")
-@click.option("--trt-cache", type=click.Path(path_type=Path), help="Also write the ranges as a TensorRT calibration cache.")
+@click.option("--trt-cache", type=click.Path(path_type=Path), help="Also write the ranges as a TensorRT calibration cache, keyed by the tensors of the model's `--target trt` graph.")
 @_TRUST
 def calibrate(model, data, method, samples, max_length, batch_size, percentile, adapters, output, trt_cache,
               trust_remote_code):
@@ -284,9 +284,7 @@ def calibrate(model, data, method, samples, max_length, batch_size, percentile, 
         return click.progressbar(length=total, label="calibrating", show_eta=True, show_pos=True, file=sys.stderr)
 
     doc = calibration.run(model, data, output, method, samples, max_length, batch_size, percentile, adapters, bar,
-                          trust_remote_code=trust_remote_code)
-    if trt_cache:
-        trt_cache.write_text(calibration.tensorrt_cache(doc))
+                          trust_remote_code=trust_remote_code, trt_cache=trt_cache)
     amax = [t["amax"] for t in doc["tensors"].values()]
     click.echo(f"wrote {output}: {len(amax)} tensors, {doc['samples']} samples, method {method}, "
                f"amax {min(amax):.3g}..{max(amax):.3g}" + (f"; TensorRT cache {trt_cache}" if trt_cache else ""))

@@ -65,19 +65,67 @@ def write_npz(path, n, seq=16, seed=0):
     np.savez(path, input_ids=rng.integers(0, 512, (n, seq)), attention_mask=np.ones((n, seq), np.int64))
 
 
+def modelopt_read_cache(cache_path) -> dict[str, float]:
+    """ModelOpt's reader of a TensorRT calibration cache, copied from nvidia-modelopt 0.47.0
+    modelopt/onnx/quantization/calib_utils.py import_scales_from_calib_cache (Apache-2.0; its module
+    imports onnxruntime and modelopt.onnx.utils, so it is not imported here). It keys each scale
+    '<tensor>_scale': the name onnxruntime's quantize_static gives that tensor's QuantizeLinear scale,
+    which modelopt's replace_scale_values then sets to this value (a scale, amax / 127, not amax)."""
+    with open(cache_path) as f:
+        scales_dict = {}
+        lines = f.readlines()
+        for i, line in enumerate(lines):
+            if i > 0:  # Skips the first line (i.e., TRT-8501-EntropyCalibration2)
+                layer_name, hex_value = line.replace("\n", "").split(": ")
+                scale = struct.unpack("!f", bytes.fromhex(hex_value))[0]
+                scales_dict[layer_name + "_scale"] = scale
+        return scales_dict
+
+
 def test_calibrate_cli_writes_file_and_trt_cache(default_model, tmp_path):
+    import ast
+
+    import onnx
+
+    import effc
+    from effc.passes.program import module_path
+
     write_npz(tmp_path / "d.npz", 24)
-    out = tmp_path / "calib.json"
+    out, cache = tmp_path / "calib.json", tmp_path / "trt.cache"
     r = CliRunner().invoke(main, ["calibrate", str(default_model[0]), "--data", str(tmp_path / "d.npz"),
-                                  "--method", "percentile", "-o", str(out), "--trt-cache", str(tmp_path / "trt.cache")])
+                                  "--method", "percentile", "-o", str(out), "--trt-cache", str(cache)])
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
     assert doc["format"] == "effc-calibration" and doc["samples"] == 24 and doc["method"] == "percentile"
     assert len(doc["tensors"]) == 29  # every linear's input: 4 layers x 7 + lm_head
-    lines = (tmp_path / "trt.cache").read_text().splitlines()
-    assert lines[0].startswith("TRT-") and len(lines) == 30
-    name, hexval = lines[1].split(": ")
-    assert struct.unpack(">f", bytes.fromhex(hexval))[0] == pytest.approx(doc["tensors"][name]["scale"], rel=1e-6)
+    assert cache.read_text().splitlines()[0] == "TRT-100000-EntropyCalibration2"
+    scales = {k.removesuffix("_scale"): v for k, v in modelopt_read_cache(cache).items()}
+    # q/k/v read one tensor, gate/up another: 4 layers x (qkv, o, gate/up, down) + lm_head
+    assert len(scales) == 17
+    # every key is a tensor of the graph `effc compile MODEL --target trt` writes, feeding a MatMul
+    # (where ModelOpt puts the activation's Q/DQ), and carries the scale of the layers reading it
+    effc.compile(str(default_model[0]), tmp_path / "trt", target="trt", verify=False)
+    model = onnx.load(str(tmp_path / "trt" / "model.onnx"), load_external_data=False)
+    matmul_inputs = {n.input[0] for n in model.graph.node if n.op_type == "MatMul"}
+    assert set(scales) <= matmul_inputs
+    # each linear's MatMul (found by the exporter's name scope, not by effc's probes) reads its tensor,
+    # whose cached scale is that linear's amax / 127
+    modules = set()
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        module = module_path(ast.literal_eval(scopes)[-2]) if node.op_type == "MatMul" and scopes else None
+        if module in doc["tensors"]:
+            modules.add(module)
+            assert scales[node.input[0]] == pytest.approx(doc["tensors"][module]["amax"] / 127, rel=1e-6), module
+    assert modules == set(doc["tensors"])
+
+
+def test_trt_cache_refuses_a_layer_without_a_tensor():
+    doc = {"tensors": {"model.layers.0.mlp.down_proj": {"amax": 1.0}}}
+    with pytest.raises(EffcError, match="no tensor for the input of model.layers.0.mlp.down_proj"):
+        calibration.tensorrt_cache(doc, {})
+    assert calibration.tensorrt_cache(doc, {"model.layers.0.mlp.down_proj": "mul_3"}) == \
+        f"TRT-100000-EntropyCalibration2\nmul_3: {struct.pack('>f', 1 / 127).hex()}\n"
 
 
 def test_calibration_file_of_another_model_is_refused(default_model, tmp_path):
