@@ -66,6 +66,32 @@ def test_taps_run_on_onnxruntime(artifact, no_tensorrt):
     assert tapped.backend.startswith("onnxruntime")
 
 
+@pytest.fixture(scope="module")
+def nf4_trt(tmp_path_factory):
+    """A compiled trt artifact whose linears are NF4 plugin nodes (~45 s on 2 cores)."""
+    import effc
+
+    out = tmp_path_factory.mktemp("trt") / "nf4"
+    effc.compile("examples.models:tiny_llama", out, target="trt", passes=["nf4"])
+    return out
+
+
+def test_compiled_plugin_artifact_runs_its_reference_functions_in_onnxruntime(nf4_trt, no_tensorrt):
+    import onnx
+
+    from effc.targets.trt_plugins import plugin_of
+
+    model = onnx.load(str(nf4_trt / "model.onnx"))
+    called = {n.op_type for n in model.graph.node if plugin_of(n) is not None}
+    assert called and called <= {f.name for f in model.functions}  # plugin nodes, each with its function
+    feeds = {"input_ids": np.arange(14, dtype=np.int64).reshape(2, 7) % 100, "attention_mask": np.ones((2, 7), np.int64)}
+    with open_artifact(nf4_trt) as session:
+        assert session.backend.startswith("onnxruntime CPUExecutionProvider (tensorrt is not installed")
+        logits = session.run(feeds)["logits"]
+    plain = ort.InferenceSession(str(nf4_trt / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(logits, plain.run(["logits"], feeds)[0])
+
+
 def test_no_gpu_is_named(monkeypatch):
     """tensorrt present but no CUDA device: the reason names the GPU, not the package."""
     import types
@@ -183,3 +209,24 @@ def test_engine_for_another_gpu_is_rebuilt_and_cached_not_written_into_the_artif
     with open_artifact(artifact) as session:
         assert "(cached: its engine.plan was built on Some Other GPU" in session.backend
     assert sha256_tree(artifact) == before
+
+
+@pytest.mark.gpu
+def test_plugin_engine_matches_its_reference_functions(nf4_trt, tmp_path):
+    """The NF4 plugin (the Triton kernel's PTX, embedded AOT) in an engine, against ONNX Runtime running the
+    plugin's reference function on the same model.onnx."""
+    _tensorrt_host()
+    import shutil
+
+    from effc.targets.trt_engine import build_engine
+
+    art = shutil.copytree(nf4_trt, tmp_path / "nf4")
+    build_engine(art, timing_cache=tmp_path / "timing.cache", progress=lambda line: None)
+    feeds = {"input_ids": np.arange(14, dtype=np.int64).reshape(2, 7) % 100, "attention_mask": np.ones((2, 7), np.int64)}
+    with open_artifact(art) as session:
+        assert session.backend.startswith("tensorrt ")
+        got = session.run(feeds)["logits"]
+    want = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    # TF32 GEMMs and the kernel's own accumulation order: 1% of the logits' range, and the same top-1.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * np.abs(want).max())
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
