@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from effc.errors import EffcError
-from effc.targets import blocked_dq, onnx_export, trt_support
+from effc.targets import blocked_dq, onnx_export, trt_config, trt_plugins, trt_support
 from effc.targets.base import BuildResult, Target
 
 OPSET = 20  # the parser's newest; blocked_dq.to_standard raises it to 21 for INT4 blocked DequantizeLinear
@@ -30,15 +30,6 @@ def _refuse_unexplicit(program) -> None:
         if int8_activations:
             raise EffcError("int4 with int8_activations quantizes activations at run time, which is not TensorRT's "
                             "explicit quantization: drop int4.int8_activations (TensorRT picks its own kernels)")
-
-
-def _plugins():
-    """effc.targets.trt_plugins, or None where that module is not there yet."""
-    try:
-        from effc.targets import trt_plugins
-    except ImportError:
-        return None
-    return trt_plugins
 
 
 class TrtTarget(Target):
@@ -64,25 +55,18 @@ class TrtTarget(Target):
         model = onnx_export.export(program, inputs, output_names, dynamic, self.translations(), opset=OPSET,
                                    overridable=overridable)
         blocked_dq.to_standard(model)
-        plugins = _plugins()
-        if plugins is not None:
-            plugins.finalize(model)
+        trt_plugins.finalize(model)
         found = trt_support.problems(model)
         if found:
             raise EffcError(trt_support.summary(found))
-        used = Counter(p.name for p in map(plugins.plugin_of, model.graph.node) if p) if plugins else Counter()
+        used = Counter(p.name for p in map(trt_plugins.plugin_of, model.graph.node) if p)
         files = onnx_export.save(model, out_dir / "model.onnx")
         opset = next(i.version for i in model.opset_import if i.domain in trt_support.STANDARD_DOMAINS)
-        info = {"opset": opset, "plugins": dict(sorted(used.items())), "tensorrt_ready": True}
+        info = {"opset": opset, "plugins": dict(sorted(used.items())), "build": trt_config.FILE,
+                "tensorrt_ready": True}
         result = onnx_export.result(out_dir, files, info, model, program)
-        try:
-            from effc.targets import trt_config
-        except ImportError:  # TODO(lead): drop once targets/trt_config.py has landed
-            trt_config = None
-        if trt_config is not None:
-            example = {name: tuple(t.shape) for name, t in inputs.items()}
-            config = trt_config.build_config(result.inputs, example, self.shape_ranges, self.config)
-            result.files.append(trt_config.write(out_dir, config))
-            info["build"] = trt_config.FILE
+        example = {name: tuple(t.shape) for name, t in inputs.items()}
+        config = trt_config.build_config(result.inputs, example, self.shape_ranges, self.config, plugins=used)
+        result.files.append(trt_config.write(out_dir, config))
         result.runner = "tensorrt"
         return result

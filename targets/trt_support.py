@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from effc.targets.trt_plugins import plugin_of
+
 MATRIX = Path(__file__).parent / "data" / "onnx_tensorrt_10_operators.md"
 STANDARD_DOMAINS = ("", "ai.onnx")
 OPSETS = range(9, 21)  # the matrix: "TensorRT 10.0 supports operators in the inclusive range of opset 9 to opset 20"
@@ -247,15 +249,6 @@ def _graph_problems(graph: onnx.GraphProto, scope: _Scope, opset: int, plugin_of
     return found
 
 
-def _plugin_lookup():
-    """trt_plugins.plugin_of, or "no plugins" where that module is not there."""
-    try:
-        from effc.targets.trt_plugins import plugin_of
-    except ImportError:
-        return lambda node: None
-    return plugin_of
-
-
 def problems(model: onnx.ModelProto) -> list[str]:
     """Every reason TensorRT 10's ONNX parser would refuse or mis-read `model`, one line each naming the
     node, its operator and the rule; empty when the graph is TensorRT-ready."""
@@ -265,7 +258,7 @@ def problems(model: onnx.ModelProto) -> list[str]:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except (ValueError, onnx.shape_inference.InferenceError):
         inferred = model
-    return found + _graph_problems(inferred.graph, _Scope(inferred.graph), opset, _plugin_lookup())
+    return found + _graph_problems(inferred.graph, _Scope(inferred.graph), opset, plugin_of)
 
 
 def summary(found: list[str]) -> str:
