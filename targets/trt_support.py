@@ -120,7 +120,7 @@ def _opset_problems(model: onnx.ModelProto) -> list[str]:
 
 def _checked_positions(node: onnx.NodeProto, schema) -> tuple[list[str], list[str]]:
     """The inputs and outputs whose element type the matrix's Supported Types column constrains: the data
-    inputs (those typed like an output), else the first input; Q/DQ: the input; Cast: input and output."""
+    inputs (those typed like the first output), else the first input; Q/DQ: the input; Cast: input and output."""
     if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
         return list(node.input[:1]), []
     if node.op_type in ("Cast", "CastLike"):
@@ -130,9 +130,9 @@ def _checked_positions(node: onnx.NodeProto, schema) -> tuple[list[str], list[st
     if schema is None:
         return list(node.input[:1]), []
     formal = list(schema.inputs)
-    out_types = {o.type_str for o in schema.outputs}
+    out_type = schema.outputs[0].type_str if schema.outputs else None
     picked = [name for i, name in enumerate(node.input) if name and
-              formal[min(i, len(formal) - 1)].type_str in out_types]
+              formal[min(i, len(formal) - 1)].type_str == out_type]
     return (picked or list(node.input[:1])), []
 
 
@@ -152,12 +152,12 @@ def _node_problems(node: onnx.NodeProto, scope: _Scope, opset: int, plugin_of) -
     except onnx.defs.SchemaError:
         schema = None
     ins, outs = _checked_positions(node, schema)
-    for name in ins + outs:
+    for name in dict.fromkeys(ins + outs):
         t = scope.types.get(name)
         if t is not None and t not in entry.types:
             found.append(f"{label}: {name!r} is {_type_name(t)}; TensorRT takes "
                          f"{', '.join(sorted(_type_name(x) for x in entry.types))} here")
-    for name in [i for i in node.input if i] + [o for o in node.output if o]:
+    for name in dict.fromkeys([i for i in node.input if i] + [o for o in node.output if o]):
         t = scope.types.get(name)
         if t == TensorProto.DOUBLE:
             found.append(f"{label}: {name!r} is DOUBLE (TensorRT's support is limited: it casts down to FLOAT); "
