@@ -81,31 +81,40 @@ class TensorRTRunner:
             return
         here = trt_engine.host()
         self.config = trt_config.read(self.root, manifest)
-        plan, how = self._plan(manifest, here, verified)
         self._ort = None
-        self._engine = _Engine(self.root, plan, self.config)
         self.taps = False  # the engine path: no intermediate values
         self.providers = ["TensorRT"]
-        self.backend = f"tensorrt {here.tensorrt} {how} on {here.gpu}"
-
-    def _plan(self, manifest: dict, here: trt_engine.Host, verified: bool) -> tuple[bytes, str]:
-        """The engine to run and how it was found: the artifact's when it matches this machine, else the
-        cached one built here, else one built now (and cached)."""
         entry = manifest.get("engine")
         mismatch = trt_engine.engine_mismatch(entry, here)
         if mismatch is None:
-            path = artifact_file(self.root, manifest, entry["file"], "engine")
-            if not verified and sha256_file(path) != manifest["files"][entry["file"]]:
-                raise EffcError(f"artifact {self.root} was tampered with: sha256 of {entry['file']} does not match "
-                                "manifest.json; run `effc build-engine` again")
-            return path.read_bytes(), entry["file"]
-        cached = cache_path(manifest, here)
-        if cached.is_file():
-            return cached.read_bytes(), f"{cached} (cached: {mismatch})"
+            self._engine = _Engine(self.root, self._artifact_plan(manifest, entry, verified), self.config)
+            source = entry["file"]
+        else:
+            cached = cache_path(manifest, here)
+            self._engine = None
+            if cached.is_file():
+                try:
+                    self._engine = _Engine(self.root, cached.read_bytes(), self.config)
+                except EffcError:  # a damaged cache entry is built again
+                    cached.unlink(missing_ok=True)
+            if self._engine is None:
+                self._engine = _Engine(self.root, self._build(manifest, here, entry, mismatch, cached), self.config)
+            source = f"engine built here, cached at {cached} ({mismatch})"
+        self.backend = f"tensorrt {here.tensorrt} on {here.gpu}: {source}"
+
+    def _artifact_plan(self, manifest: dict, entry: dict, verified: bool) -> bytes:
+        path = artifact_file(self.root, manifest, entry["file"], "engine")
+        if not verified and sha256_file(path) != manifest["files"][entry["file"]]:
+            raise EffcError(f"artifact {self.root} was tampered with: sha256 of {entry['file']} does not match "
+                            "manifest.json; run `effc build-engine` again")
+        return path.read_bytes()
+
+    def _build(self, manifest: dict, here: trt_engine.Host, entry: dict | None, mismatch: str, cached: Path) -> bytes:
+        """An engine built here for the artifact, written to the cache (never into the artifact)."""
         cached.parent.mkdir(parents=True, exist_ok=True)
-        # Minutes of building: say so once, not TensorRT's progress (a library should not narrate).
-        print(f"effc: building a TensorRT engine for {self.root} on {here.gpu} ({mismatch}); it is cached "
-              f"as {cached}", file=sys.stderr)
+        # Minutes of building: said once, not TensorRT's progress (a library should not narrate).
+        print(f"effc: building a TensorRT engine for {self.root} on {here.gpu}, since {mismatch}; "
+              f"caching it at {cached}", file=sys.stderr)
         try:
             plan = trt_engine.compile_plan(self.root, manifest, self.config, cached.parent / trt_config.TIMING_CACHE,
                                            progress=lambda line: None)
@@ -115,7 +124,7 @@ class TensorRTRunner:
                                 f"run `effc build-engine {self.root}` on a machine like this one") from None
             raise
         trt_engine.write_atomic(cached, plan)
-        return plan, f"{cached} (built at open: {mismatch})"
+        return plan
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self._ort is not None:

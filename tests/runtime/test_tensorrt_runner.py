@@ -162,11 +162,8 @@ def test_engines_built_at_open_are_cached_per_graph_config_and_machine(artifact,
 
 # --- on a TensorRT host ---------------------------------------------------------------------------------
 
-def _tensorrt_host():
-    pytest.importorskip("tensorrt", reason="tensorrt is not installed (pip install 'effc[gpu]' on a GPU host)")
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU: the TensorRT engine path needs one")
+MISSING = host_missing()  # None on a TensorRT host
+tensorrt_host = pytest.mark.skipif(MISSING is not None, reason=f"needs tensorrt and a CUDA GPU: {MISSING}")
 
 
 # TensorRT runs fp32 matmuls in TF32 by default (10-bit mantissa, ~5e-4 relative per product).
@@ -174,8 +171,8 @@ ENGINE_TOL = {"rtol": 2e-3, "atol": 2e-3}
 
 
 @pytest.mark.gpu
+@tensorrt_host
 def test_engine_runs_and_matches_onnxruntime(artifact, tmp_path):
-    _tensorrt_host()
     from effc.targets.trt_engine import build_engine
 
     info = build_engine(artifact, timing_cache=tmp_path / "timing.cache", progress=lambda line: None)
@@ -183,7 +180,7 @@ def test_engine_runs_and_matches_onnxruntime(artifact, tmp_path):
     manifest = read_manifest(artifact)  # engine.plan is hashed with the rest
     assert manifest["engine"]["file"] == info["file"] == "engine.plan" and "engine.plan" in manifest["files"]
     with open_artifact(artifact) as session:
-        assert session.backend.startswith(f"tensorrt {info['tensorrt']} engine.plan on {info['gpu']}")
+        assert session.backend == f"tensorrt {info['tensorrt']} on {info['gpu']}: engine.plan"
         for batch in (1, 3, 8):  # across the profile's range 1..8
             x = np.random.default_rng(batch).standard_normal((batch, 4)).astype(np.float32)
             np.testing.assert_allclose(session.run({"x": x})["y"], trt_tiny.reference(x), **ENGINE_TOL)
@@ -192,8 +189,8 @@ def test_engine_runs_and_matches_onnxruntime(artifact, tmp_path):
 
 
 @pytest.mark.gpu
+@tensorrt_host
 def test_engine_for_another_gpu_is_rebuilt_and_cached_not_written_into_the_artifact(artifact, tmp_path, monkeypatch):
-    _tensorrt_host()
     from effc.targets.trt_engine import build_engine
 
     build_engine(artifact, timing_cache=tmp_path / "timing.cache", progress=lambda line: None)
@@ -202,20 +199,23 @@ def test_engine_for_another_gpu_is_rebuilt_and_cached_not_written_into_the_artif
     (artifact / MANIFEST).write_text(json.dumps(seal(manifest)))
     before = sha256_tree(artifact)
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    said = "engine built here, cached at {} (its engine.plan was built on Some Other GPU, this GPU is "
     with open_artifact(artifact) as session:
-        assert "built at open: its engine.plan was built on Some Other GPU" in session.backend
         np.testing.assert_allclose(session.run({"x": X})["y"], trt_tiny.reference(X), **ENGINE_TOL)
-    assert len(list((tmp_path / "cache").glob("*.plan"))) == 1
-    with open_artifact(artifact) as session:
-        assert "(cached: its engine.plan was built on Some Other GPU" in session.backend
+        (cached,) = (tmp_path / "cache").glob("*.plan")
+        assert said.format(cached) in session.backend
+    built = cached.stat().st_mtime_ns
+    with open_artifact(artifact) as session:  # the cached engine, not built again
+        assert said.format(cached) in session.backend
+    assert cached.stat().st_mtime_ns == built
     assert sha256_tree(artifact) == before
 
 
 @pytest.mark.gpu
+@tensorrt_host
 def test_plugin_engine_matches_its_reference_functions(nf4_trt, tmp_path):
     """The NF4 plugin (the Triton kernel's PTX, embedded AOT) in an engine, against ONNX Runtime running the
     plugin's reference function on the same model.onnx."""
-    _tensorrt_host()
     import shutil
 
     from effc.targets.trt_engine import build_engine

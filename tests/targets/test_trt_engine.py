@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from effc.cli import main
 from effc.errors import EffcError
 from effc.runtime.manifest import read_manifest, sha256_tree
-from effc.targets.trt_engine import build_engine
+from effc.targets.trt_engine import build_engine, host_missing
 from tests import trt_tiny
 
 
@@ -85,13 +85,14 @@ def test_not_an_artifact(tmp_path):
     one_line(cli(tmp_path), "not an effc artifact")
 
 
+MISSING = host_missing()  # None on a TensorRT host
+
+
 @pytest.mark.gpu
+@pytest.mark.skipif(MISSING is not None, reason=f"needs tensorrt and a CUDA GPU: {MISSING}")
 def test_engine_written_into_the_artifact_and_hashed(tmp_path):
-    pytest.importorskip("tensorrt", reason="tensorrt is not installed (pip install 'effc[gpu]' on a GPU host)")
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU: building a TensorRT engine needs one")
     import tensorrt as trt
+    import torch
 
     key = tmp_path / "key"
     key.write_bytes(b"k" * 32)
