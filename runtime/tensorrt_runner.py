@@ -19,6 +19,7 @@ from effc.errors import EffcError
 from effc.runtime.manifest import artifact_file, sha256_file
 from effc.targets import trt_config, trt_engine
 
+ENGINE_PROVIDER = "TensorRT"  # in `providers`: the engine (the default where it can run); without it: ONNX Runtime
 CACHE_ENV = "EFFC_ENGINE_CACHE"  # where engines built at open are kept; default ~/.cache/effc/engines
 
 
@@ -61,6 +62,10 @@ def _dims(shape) -> str:
 
 
 class TensorRTRunner:
+    """`providers`: None runs the engine where tensorrt and a GPU are present, else ONNX Runtime; ["TensorRT"]
+    the engine or an error saying what is missing; a list of ONNX Runtime providers (["CPUExecutionProvider"],
+    what compile-time verification wants: the same numbers on every machine) ONNX Runtime with them."""
+
     # The class answers for its ONNX Runtime path: taps (the layer-wise debugger) run there even on a
     # TensorRT host, since an engine's intermediate values are fused away.
     taps: ClassVar[bool] = True
@@ -68,13 +73,20 @@ class TensorRTRunner:
     def __init__(self, root: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None,
                  taps: list[str] | tuple[str, ...] = (), verified: bool = False):
         self.root = Path(root)
-        missing = trt_engine.host_missing()
-        why = missing or ("the layer-wise debugger reads intermediate values, which only ONNX Runtime exposes"
-                          if taps else None)
+        if taps:
+            why = "the layer-wise debugger reads intermediate values, which only ONNX Runtime exposes"
+        elif providers and ENGINE_PROVIDER not in providers:
+            why = f"ONNX Runtime providers {', '.join(providers)} were asked for"
+        else:
+            why = trt_engine.host_missing()
+            if why is not None and providers:  # TensorRT was asked for by name
+                raise EffcError(f"providers ask for {ENGINE_PROVIDER}, but {why}")
         if why is not None:
             from effc.runtime.onnxruntime_runner import OrtRunner
 
-            self._ort = OrtRunner(root, manifest, threads=threads, providers=providers, taps=taps, verified=verified)
+            self._ort = OrtRunner(root, manifest, threads=threads, providers=[p for p in providers or () if p != ENGINE_PROVIDER] or None,
+                                  taps=taps,
+                                  verified=verified)
             self._engine = None
             self.providers = self._ort.providers
             self.backend = f"onnxruntime {self.providers[0]} ({why})"
@@ -83,7 +95,7 @@ class TensorRTRunner:
         self.config = trt_config.read(self.root, manifest)
         self._ort = None
         self.taps = False  # the engine path: no intermediate values
-        self.providers = ["TensorRT"]
+        self.providers = [ENGINE_PROVIDER]
         entry = manifest.get("engine")
         mismatch = trt_engine.engine_mismatch(entry, here)
         if mismatch is None:

@@ -56,6 +56,24 @@ def test_without_tensorrt_never_imports_torch(artifact):
     assert out.startswith("False onnxruntime")
 
 
+def test_onnxruntime_providers_asked_for_run_onnxruntime(artifact):
+    """What compile-time verification asks for: ONNX Runtime CPU, the same numbers on every machine."""
+    from effc.runtime.session import Session
+
+    with Session(artifact, providers=["CPUExecutionProvider"]) as session:
+        assert session.backend == ("onnxruntime CPUExecutionProvider (ONNX Runtime providers CPUExecutionProvider "
+                                   "were asked for)")
+        np.testing.assert_allclose(session.run({"x": X})["y"], trt_tiny.reference(X), rtol=1e-6, atol=1e-6)
+
+
+def test_tensorrt_asked_for_where_it_is_missing_is_one_line(artifact, no_tensorrt):
+    from effc.runtime.session import Session
+
+    with pytest.raises(EffcError, match=r"^providers ask for TensorRT, but tensorrt is not installed: pip install "
+                                        r"'effc\[gpu\]' on a machine with an NVIDIA GPU and CUDA$"):
+        Session(artifact, providers=["TensorRT"])
+
+
 def test_taps_run_on_onnxruntime(artifact, no_tensorrt):
     """The layer-wise debugger's intermediate values come from ONNX Runtime (an engine fuses them away)."""
     from effc.runtime.session import Session
