@@ -6,14 +6,15 @@ Torch-free: the runtime reads it on hosts without torch.
 Profiles. One profile: a min/opt/max shape per graph input. A fixed dim is (d, d, d). A dynamic dim
 takes the range --input-shapes gives it (`input_ids:1-4-8x1-128-512`, effc.preflight.parse_shape_ranges),
 else a default by its name:
-    batch     1 / example batch / max(8, example batch)
-    sequence  1 / max(example, min(128, MAX)) / MAX, MAX = min(the config's positions, 4096), 512 when
-              the config names none
+    batch     1 / example batch / max(8, 2 x example batch)
+    sequence  1 / max(example, min(128, MAX)) / MAX, MAX = min(the config's positions, max(4096, 2 x
+              example + 3)), max(512, 2 x example + 3) when the config names none
 Inputs sharing a dim name (input_ids and attention_mask both [batch, sequence]) share its range, so a
 range given for one input applies to the others. OPT is where TensorRT times its tactics: the capture
 example (2x16, sized for torch.export) is no workload, so the default sequence OPT is 128, the
 calibration's default length. MAX bounds the engine's activation memory (attention is quadratic in the
-sequence), hence the 4096 cap. One profile, not a second one for short inputs: effc's graphs have no KV
+sequence), hence the 4096 cap; it stretches to hold the compile's second verification shape (batch + 1,
+2 x sequence + 3), so the artifact's own checks run on its engine. One profile, not a second one for short inputs: effc's graphs have no KV
 cache, so every call is a full forward and one range serves it; a profile costs build time and engine size.
 """
 
@@ -49,13 +50,16 @@ _REDO = "; recompile the artifact with `effc compile --target trt`"
 
 
 def _default(dim: str, example: int, config) -> tuple[int, int, int] | None:
+    # MAX also covers the compile's second verification shape (batch + 1, 2 x sequence + 3 or more; effc.pipeline
+    # _verification_inputs), so an engine can verify the artifact it was built for.
     if dim == "batch":
-        return 1, example, max(DEFAULT_BATCH_MAX, example)
+        return 1, example, max(DEFAULT_BATCH_MAX, 2 * example)
     if dim == "sequence":
         from effc.inputs import max_positions  # effc.inputs imports torch; build_config runs in the compiler
 
         limit = max_positions(config) if config is not None else None
-        top = max(example, min(limit, SEQUENCE_CAP) if limit else SEQUENCE_UNKNOWN)
+        top = min(limit, max(SEQUENCE_CAP, 2 * example + 3)) if limit else max(SEQUENCE_UNKNOWN, 2 * example + 3)
+        top = max(top, example)
         return 1, max(example, min(SEQUENCE_OPT, top)), top
     return None
 

@@ -40,10 +40,14 @@ def test_sequence_limits():
     assert profile(trt_config.build_config(TEXT, EXAMPLE, None, {"max_position_embeddings": 131072}),
                    "input_ids")[1] == (1, 128, 4096)
     assert profile(trt_config.build_config(TEXT, EXAMPLE, None, None), "input_ids")[1] == (1, 128, 512)
-    # a short model: OPT and MAX both its 64 positions; a large example batch raises batch MAX
+    # a short model: OPT and MAX both its 64 positions; a large example batch raises batch MAX to twice it
     short = trt_config.build_config(TEXT, {"input_ids": (12, 64), "attention_mask": (12, 64)}, None,
                                     {"max_position_embeddings": 64})
-    assert profile(short, "input_ids") == [(1, 12, 12), (1, 64, 64)]
+    assert profile(short, "input_ids") == [(1, 12, 24), (1, 64, 64)]
+    # a long example: MAX holds the second verification shape (2 x 3000 + 3), within the positions
+    long = trt_config.build_config(TEXT, {"input_ids": (2, 3000), "attention_mask": (2, 3000)}, None,
+                                   {"max_position_embeddings": 8192})
+    assert profile(long, "input_ids")[1] == (1, 3000, 6003)
 
 
 def test_fixed_dims_and_plugins():
@@ -178,3 +182,39 @@ def test_reading_does_not_import_torch():
             "c = {'profiles': [{'x': {'min': [1], 'opt': [2], 'max': [4]}}]}; "
             "assert trt_config.profile_for(c, {'x': (3,)}) == 0; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compile_writes_the_configuration(default_model, tmp_path):
+    """End to end: `effc compile --target trt --input-shapes` with a range for input_ids only; the artifact's
+    trt_build.json (hashed by its manifest) gives attention_mask, which shares its dims, the same range, and
+    holds both verification shapes."""
+    from click.testing import CliRunner
+
+    from effc.cli import main
+    from effc.runtime.manifest import read_manifest
+
+    out = tmp_path / "trt"
+    r = CliRunner().invoke(main, ["compile", str(default_model[0]), "--target", "trt", "--no-verify", "-o", str(out),
+                                  "--input-shapes", "input_ids:1-4-16x1-64-256"])
+    assert r.exit_code == 0, r.output
+    manifest = read_manifest(out)
+    assert manifest["target"]["build"] == "trt_build.json"
+    config = trt_config.read(out, manifest)
+    assert profile(config, "input_ids") == profile(config, "attention_mask") == [(1, 4, 16), (1, 64, 256)]
+    assert trt_config.profile_for(config, {"input_ids": (4, 64), "attention_mask": (4, 64)}) == 0
+    assert trt_config.profile_for(config, {"input_ids": (5, 131), "attention_mask": (5, 131)}) == 0  # 2nd check set
+
+
+@pytest.mark.slow  # a second compile (~1 min); the message itself is unit-tested above
+def test_compile_with_conflicting_ranges_is_one_line(default_model, tmp_path):
+    from click.testing import CliRunner
+
+    from effc.cli import main
+
+    bad = tmp_path / "bad"
+    r = CliRunner().invoke(main, ["compile", str(default_model[0]), "--target", "trt", "--no-verify", "-o", str(bad),
+                                  "--input-shapes", "input_ids:1-4-16x1-64-256,attention_mask:1-4-16x1-64-128"])
+    assert r.exit_code == 2 and not bad.exists() and not list(tmp_path.iterdir()), r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("effc: error")]
+    assert errors == [r.output.strip().splitlines()[-1]] and \
+        "dim 'sequence' two ranges: 1-64-256 (input_ids) and 1-64-128 (attention_mask)" in errors[0]
