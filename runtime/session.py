@@ -48,8 +48,8 @@ class Session:
         self._session = runner(self.path, self.manifest, threads=threads, providers=providers, taps=self.taps,
                                verified=verify_hashes)
         self.providers = self._session.providers
-        # Which backend runs the artifact; a runner that can take more than one path (tensorrt) says which.
-        self.backend: str = getattr(self._session, "backend", None) or " ".join([self.manifest["runner"], *self.providers[:1]])
+        # Which backend runs the artifact: the runner's own line when it can take more than one path (tensorrt).
+        self.backend: str = getattr(self._session, "backend", " ".join([self.manifest["runner"], *self.providers[:1]]))
 
     def __enter__(self) -> Session:
         return self

@@ -84,9 +84,8 @@ class TensorRTRunner:
         if why is not None:
             from effc.runtime.onnxruntime_runner import OrtRunner
 
-            self._ort = OrtRunner(root, manifest, threads=threads, providers=[p for p in providers or () if p != ENGINE_PROVIDER] or None,
-                                  taps=taps,
-                                  verified=verified)
+            asked = [p for p in providers or () if p != ENGINE_PROVIDER] or None
+            self._ort = OrtRunner(root, manifest, threads=threads, providers=asked, taps=taps, verified=verified)
             self._engine = None
             self.providers = self._ort.providers
             self.backend = f"onnxruntime {self.providers[0]} ({why})"

@@ -47,7 +47,8 @@ def host_missing() -> str | None:
     try:
         import torch
     except ImportError:
-        return "torch is not installed (effc binds TensorRT's inputs and outputs as torch CUDA tensors): pip install torch"
+        return ("torch is not installed (effc binds TensorRT's inputs and outputs as torch CUDA tensors): "
+                "pip install torch")
     if not torch.cuda.is_available():
         return ("no CUDA GPU is visible (torch.cuda.is_available() is False): run on a machine with an NVIDIA GPU, "
                 "its driver, and a CUDA build of torch")
@@ -74,13 +75,14 @@ def engine_mismatch(entry: dict | None, here: Host) -> str | None:
     if not entry:
         return "the artifact has no engine (run `effc build-engine` on this machine to add one)"
     built = Host(str(entry.get("tensorrt")), str(entry.get("gpu")), str(entry.get("compute_capability")))
+    its = f"its {entry.get('file', ENGINE)} was built"
     if built.tensorrt != here.tensorrt:
-        return f"its {entry.get('file', ENGINE)} was built with TensorRT {built.tensorrt}, this machine has {here.tensorrt}"
+        return f"{its} with TensorRT {built.tensorrt}, this machine has {here.tensorrt}"
     if built.compute_capability != here.compute_capability:
-        return (f"its {entry.get('file', ENGINE)} was built for compute capability {built.compute_capability} "
-                f"({built.gpu}), this GPU is {here.compute_capability} ({here.gpu})")
+        return (f"{its} for compute capability {built.compute_capability} ({built.gpu}), this GPU is "
+                f"{here.compute_capability} ({here.gpu})")
     if built.gpu != here.gpu:
-        return f"its {entry.get('file', ENGINE)} was built on {built.gpu}, this GPU is {here.gpu}"
+        return f"{its} on {built.gpu}, this GPU is {here.gpu}"
     return None
 
 

@@ -84,6 +84,10 @@ def test_taps_run_on_onnxruntime(artifact, no_tensorrt):
     assert tapped.backend.startswith("onnxruntime")
 
 
+LLAMA_FEEDS = {"input_ids": np.arange(14, dtype=np.int64).reshape(2, 7) % 100,
+               "attention_mask": np.ones((2, 7), np.int64)}
+
+
 @pytest.fixture(scope="module")
 def nf4_trt(tmp_path_factory):
     """A compiled trt artifact whose linears are NF4 plugin nodes (~45 s on 2 cores)."""
@@ -102,7 +106,7 @@ def test_compiled_plugin_artifact_runs_its_reference_functions_in_onnxruntime(nf
     model = onnx.load(str(nf4_trt / "model.onnx"))
     called = {n.op_type for n in model.graph.node if plugin_of(n) is not None}
     assert called and called <= {f.name for f in model.functions}  # plugin nodes, each with its function
-    feeds = {"input_ids": np.arange(14, dtype=np.int64).reshape(2, 7) % 100, "attention_mask": np.ones((2, 7), np.int64)}
+    feeds = LLAMA_FEEDS
     with open_artifact(nf4_trt) as session:
         assert session.backend.startswith("onnxruntime CPUExecutionProvider (tensorrt is not installed")
         logits = session.run(feeds)["logits"]
@@ -240,7 +244,7 @@ def test_plugin_engine_matches_its_reference_functions(nf4_trt, tmp_path):
 
     art = shutil.copytree(nf4_trt, tmp_path / "nf4")
     build_engine(art, timing_cache=tmp_path / "timing.cache", progress=lambda line: None)
-    feeds = {"input_ids": np.arange(14, dtype=np.int64).reshape(2, 7) % 100, "attention_mask": np.ones((2, 7), np.int64)}
+    feeds = LLAMA_FEEDS
     with open_artifact(art) as session:
         assert session.backend.startswith("tensorrt ")
         got = session.run(feeds)["logits"]
