@@ -82,6 +82,7 @@ def nf4_linear_kernel(
     LUT_MODE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 x (exact fp32 semantics), ignored for fp16/bf16
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROW_ALIGNED: tl.constexpr,  # K % QBLOCK == 0: one scale per row and K tile (False: per element)
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -111,10 +112,15 @@ def nf4_linear_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        # K % QBLOCK == 0 and QBLOCK % BLOCK_K == 0: the whole K tile of a row lies in one quant
-        # block, so the scale is one value per row, decoded once per tile (BLOCK_N loads, not
-        # BLOCK_N*BLOCK_K), and no K masking is needed.
-        blk = blk_base + k0 // QBLOCK
+        # ROW_ALIGNED (K % QBLOCK == 0) and QBLOCK % BLOCK_K == 0: the whole K tile of a row lies in one
+        # quant block, so the scale is one value per row, decoded once per tile (BLOCK_N loads, not
+        # BLOCK_N*BLOCK_K). K % BLOCK_K == 0 either way, so no K masking is needed.
+        if ROW_ALIGNED:
+            blk = blk_base + k0 // QBLOCK
+        else:
+            # Blocks straddle rows (K % QBLOCK != 0, bnb's flat layout): each element's block from its flat
+            # index; same decode, BLOCK_N*BLOCK_K scale loads (cached) instead of BLOCK_N.
+            blk = (rn_safe.to(tl.int64)[:, None] * K + (k0 + rk)[None, :]) // QBLOCK
         if DOUBLE_QUANT:
             code8 = tl.load(absmax_ptr + blk).to(tl.int32)
             # Two separately rounded ops, as bnb; the launch disables fp fusion so this stays
@@ -123,6 +129,8 @@ def nf4_linear_kernel(
             scale = scale + offset
         else:
             scale = tl.load(absmax_ptr + blk)
+        if ROW_ALIGNED:
+            scale = scale[:, None]
 
         byte = tl.load(w_ptrs).to(tl.int32)
         # element 2j = high nibble, 2j+1 = low nibble -> join on a new last axis, then flatten
@@ -135,7 +143,7 @@ def nf4_linear_kernel(
             v = tl.load(lut_ptr + q)
         else:
             v = tl.gather(lut, q.reshape(BLOCK_N * BLOCK_K), 0).reshape(BLOCK_N, BLOCK_K)
-        w = (v * scale[:, None]).to(x_ptr.dtype.element_ty)
+        w = (v * scale).to(x_ptr.dtype.element_ty)
 
         xt = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
         acc = tl.dot(xt, tl.trans(w), acc, input_precision=DOT_PRECISION)
@@ -198,7 +206,7 @@ def nf4_linear_triton(x, packed, absmax, absmax2, offset, bias, N, K, block=64, 
         dmap, lut, bias if bias is not None else dummy, out,
         M, N, K, x2.stride(0), x2.stride(1), out.stride(0), out.stride(1),
         QBLOCK=block, DQ_BLOCK=dq_block, DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
-        LUT_MODE=lut_mode, DOT_PRECISION=prec, enable_fp_fusion=False, **cfg,
+        LUT_MODE=lut_mode, DOT_PRECISION=prec, ROW_ALIGNED=True, enable_fp_fusion=False, **cfg,
     )
     return out.reshape(*x.shape[:-1], N)
 
@@ -254,7 +262,7 @@ def compile_check(arch: int, dtype=torch.float16, double_quant: bool = True, has
         "stride_xm": "i32", "stride_xk": "i32", "stride_om": "i32", "stride_on": "i32",
     }
     const = dict(QBLOCK=block, DQ_BLOCK=256, DOUBLE_QUANT=double_quant, HAS_BIAS=has_bias,
-                 LUT_MODE=lut_mode, DOT_PRECISION=prec, **cfg)
+                 LUT_MODE=lut_mode, DOT_PRECISION=prec, ROW_ALIGNED=True, **cfg)
     for k in const:
         sig[k] = "constexpr"
     # Unit strides as the JIT would specialize them (stride 1 -> constant), plus 16-byte
@@ -297,31 +305,39 @@ _PLUGIN_LUT = tl.constexpr(LUT_GATHER)  # the default lookup (fewest instruction
 
 @triton.jit
 def nf4_gemm_plugin_kernel(x_ptr, packed_ptr, absmax_ptr, lut_ptr, M, N, K, out_ptr,
-                           QBLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           QBLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_ALIGNED: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, lut_ptr, lut_ptr, lut_ptr, lut_ptr, lut_ptr, out_ptr,
                       M, N, K, K, 1, N, 1, QBLOCK=QBLOCK, DQ_BLOCK=256, DOUBLE_QUANT=False, HAS_BIAS=False,
                       LUT_MODE=_PLUGIN_LUT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                      BLOCK_K=BLOCK_K)
+                      BLOCK_K=BLOCK_K, ROW_ALIGNED=ROW_ALIGNED)
 
 
 @triton.jit
 def nf4_gemm_dq_plugin_kernel(x_ptr, packed_ptr, codes_ptr, absmax2_ptr, offset_ptr, lut_ptr, dmap_ptr, M, N, K,
                               out_ptr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                              ROW_ALIGNED: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     nf4_linear_kernel(x_ptr, packed_ptr, codes_ptr, absmax2_ptr, offset_ptr, dmap_ptr, lut_ptr, lut_ptr, out_ptr,
                       M, N, K, K, 1, N, 1, QBLOCK=QBLOCK, DQ_BLOCK=DQ_BLOCK, DOUBLE_QUANT=True, HAS_BIAS=False,
                       LUT_MODE=_PLUGIN_LUT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                      BLOCK_K=BLOCK_K)
+                      BLOCK_K=BLOCK_K, ROW_ALIGNED=ROW_ALIGNED)
 
 
 # Tactics TensorRT times per profile (autotune): a decode tile (few rows) and a prefill tile.
 PLUGIN_TACTICS = {1: 16, 2: 64}  # tactic -> BLOCK_M
 
 
-def plugin_config(tactic: int, block: int, dtype) -> dict:
-    """Tile sizes of a tactic: pick_config's rules at the tactic's BLOCK_M."""
-    return pick_config(PLUGIN_TACTICS[tactic], block, dtype)
+def plugin_config(tactic: int, block: int, dtype, K: int) -> dict:
+    """Tile sizes of a tactic: pick_config's rules at the tactic's BLOCK_M; where blocks straddle rows
+    (K % block != 0) BLOCK_K is the largest of pick_config's, 32, 16 that divides K (K % 16 == 0 needed)."""
+    if K % 16:
+        raise ValueError(f"plugin kernel: K={K} is not a multiple of 16")
+    cfg = pick_config(PLUGIN_TACTICS[tactic], block, dtype)
+    if K % block:
+        widest = 32 if dtype == torch.float32 else 64  # pick_config's rule before its clamp to the block
+        cfg["BLOCK_K"] = next(bk for bk in (64, 32, 16) if bk <= widest and K % bk == 0)
+    return cfg
 
 
 def plugin_launch(double_quant: bool, x, packed_words, absmax, absmax2, offset, N, K, block=64, dq_block=256,
@@ -331,11 +347,11 @@ def plugin_launch(double_quant: bool, x, packed_words, absmax, absmax2, offset, 
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    cfg = plugin_config(tactic, block, x.dtype)
+    cfg = plugin_config(tactic, block, x.dtype, K)
     lut, dmap = _tables(str(x.device))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-                 num_stages=cfg["num_stages"], enable_fp_fusion=False)
+                 num_stages=cfg["num_stages"], enable_fp_fusion=False, ROW_ALIGNED=K % block == 0)
     as_bytes = packed_words.contiguous().view(torch.uint8)
     if double_quant:
         nf4_gemm_dq_plugin_kernel[grid](x2, as_bytes, absmax.contiguous().view(torch.uint8), absmax2,
@@ -359,17 +375,17 @@ def plugin_kernel(arch: int, dtype, double_quant: bool, tactic: int, N: int, K: 
     fn = nf4_gemm_dq_plugin_kernel if double_quant else nf4_gemm_plugin_kernel
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise RuntimeError("plugin_kernel needs a process started without TRITON_INTERPRET=1")
-    if K % block or block % 16 or block & (block - 1):
-        raise ValueError(f"plugin_kernel: K={K} must be a multiple of block {block}, a power of two >= 16")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"plugin_kernel: block {block} is not a power of two >= 16")
     t = _DTYPES[dtype]
-    cfg = plugin_config(tactic, block, dtype)
+    cfg = plugin_config(tactic, block, dtype, K)
     sig = {"x_ptr": f"*{t}", "packed_ptr": "*u8"}
     if double_quant:
         sig.update(codes_ptr="*u8", absmax2_ptr="*fp32", offset_ptr="*fp32", lut_ptr="*fp32", dmap_ptr="*fp32")
     else:
         sig.update(absmax_ptr="*fp32", lut_ptr="*fp32")
     sig.update(M="i32", N="i32", K="i32", out_ptr=f"*{t}")
-    const = dict(QBLOCK=block, DOT_PRECISION="ieee", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+    const = dict(QBLOCK=block, DOT_PRECISION="ieee", ROW_ALIGNED=K % block == 0, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                  BLOCK_K=cfg["BLOCK_K"], **({"DQ_BLOCK": dq_block} if double_quant else {}))
     for k in const:
         sig[k] = "constexpr"
@@ -381,6 +397,7 @@ def plugin_kernel(arch: int, dtype, double_quant: bool, tactic: int, N: int, K: 
                         options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False))
     return dict(name=ck.metadata.name, ptx=ck.asm["ptx"], cubin=ck.asm.get("cubin", b""),
                 num_warps=ck.metadata.num_warps, shared=ck.metadata.shared, block_m=cfg["BLOCK_M"],
+                block_k=cfg["BLOCK_K"], row_aligned=K % block == 0,
                 block_n=cfg["BLOCK_N"], scalars=("M", "N", "K"),
                 global_scratch=getattr(ck.metadata, "global_scratch_size", 0),
                 profile_scratch=getattr(ck.metadata, "profile_scratch_size", 0))

@@ -256,9 +256,9 @@ def _register_nf4(trtp, plugin: Plugin) -> None:
 
 
 def _nf4_check(attrs: dict) -> str | None:
-    if attrs["K"] % attrs["block"]:
-        return (f"in_features {attrs['K']} is not a multiple of the NF4 block {attrs['block']} (the kernel needs "
-                "whole blocks per row)")
+    """What the kernel needs: whole 16-wide K tiles (blocks may straddle rows, bnb's flat layout)."""
+    if attrs["K"] % 16:
+        return f"in_features {attrs['K']} is not a multiple of 16 (the kernel's K tile)"
     if attrs["block"] < 16 or attrs["block"] & (attrs["block"] - 1):
         return f"the NF4 block {attrs['block']} is not a power of two >= 16"
     return None
@@ -335,7 +335,7 @@ def finalize(model: onnx.ModelProto) -> int:
         why = p and p.check({a.name: a.i for a in node.attribute})
         if why:
             raise EffcError(f"{p.op} at {node.name or node.output[0]} has no TensorRT plugin: {why}; use --target "
-                            "onnx or ort, or --pass-config nf4.block= one that divides it")
+                            "onnx or ort")
     inits = {t.name: t for t in model.graph.initializer}
     shared: dict[str, np.ndarray] = {}
     nodes, used, count = [], {}, 0
