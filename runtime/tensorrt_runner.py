@@ -174,7 +174,8 @@ class _Engine:
         if unknown:
             raise EffcError(f"the TensorRT engine of {self.root} has no output {', '.join(unknown)} "
                             f"(its outputs: {', '.join(self.outputs)})")
-        shapes = {n: tuple(np.shape(feeds[n])) for n in self.inputs}
+        # Every fed input against the profiles, the ones TensorRT removed as unused too (the profiles name them).
+        shapes = {n: tuple(np.shape(v)) for n, v in feeds.items()}
         profile = profile_index(self.root, self.config, shapes)
         with torch.cuda.stream(self.stream):
             if profile != self.profile:
