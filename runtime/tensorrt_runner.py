@@ -20,11 +20,12 @@ from effc.runtime.manifest import artifact_file, sha256_file
 from effc.targets import trt_config, trt_engine
 
 ENGINE_PROVIDER = "TensorRT"  # in `providers`: the engine (the default where it can run); without it: ONNX Runtime
-CACHE_ENV = "EFFC_ENGINE_CACHE"  # where engines built at open are kept; default ~/.cache/effc/engines
+CACHE_ENV = "EFFC_ENGINE_CACHE"  # where engines built at open are kept; default $XDG_CACHE_HOME/effc/engines
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "effc" / "engines")
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get(CACHE_ENV) or base / "effc" / "engines")
 
 
 def cache_path(manifest: dict, here: trt_engine.Host) -> Path:
