@@ -66,8 +66,9 @@ def rel_err(got, want):
     return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
 
 
-# (N, K, block, double quant, bias): N not a multiple of 64, K an odd multiple of the block
-CASES = [(40, 192, 64, True, True), (40, 192, 64, False, False), (24, 96, 32, True, False), (72, 320, 64, False, True)]
+# (N, K, block, double quant, bias): N not a multiple of 64; K an odd multiple of the block, or not a multiple
+# (blocks straddle rows, bnb's flat layout: the default model's 352 features with block 64)
+CASES = [(40, 192, 64, True, True), (40, 192, 64, False, False), (24, 80, 32, True, False), (72, 352, 64, False, True)]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"N{c[0]}-K{c[1]}-b{c[2]}-{'dq' if c[3] else 'nodq'}"
@@ -198,11 +199,11 @@ def test_int32_words_are_the_bytes_little_endian():
     assert high.tolist() == [-1]  # negative words: the reference body adds 2^32 before taking bytes
 
 
-def test_k_not_a_multiple_of_block_is_refused():
-    layer = Nf4Layer(8, 96, 64, False, False)  # 96 % 64: blocks would straddle rows
-    with pytest.raises(EffcError, match=r"effc::nf4_linear at .* has no TensorRT plugin: in_features 96 is not a "
-                       r"multiple of the NF4 block 64.*--target onnx or ort"):
-        trt_onnx(layer, torch.randn(2, 3, 96))
+def test_k_not_a_multiple_of_16_is_refused():
+    layer = Nf4Layer(8, 72, 64, False, False)  # the kernel's K tiles are 16 wide at least
+    with pytest.raises(EffcError, match=r"^effc::nf4_linear at \S+ has no TensorRT plugin: in_features 72 is not a "
+                       r"multiple of 16 .*; use --target onnx or ort$"):
+        trt_onnx(layer, torch.randn(2, 3, 72))
 
 
 def test_table_imports_without_torch():
@@ -222,12 +223,14 @@ import effc.targets.triton_nf4 as nt
 out = {}
 for arch in (80, 90):
     for tactic in nt.PLUGIN_TACTICS:
-        for dtype, dq in ((torch.float16, True), (torch.float32, False)):
-            r = nt.plugin_kernel(arch, dtype, dq, tactic, N=40, K=192)
+        # fp16 with double quant where blocks straddle rows (K=352), fp32 without where they do not
+        for dtype, dq, K in ((torch.float16, True, 352), (torch.float32, False, 192)):
+            r = nt.plugin_kernel(arch, dtype, dq, tactic, N=40, K=K)
             entry = re.search(r"\\.entry\\s+(\\w+)\\(([^)]*)\\)", r["ptx"], re.S)
             out[f"{arch}-{tactic}-{str(dtype)[6:]}"] = dict(
                 name=r["name"], entry=entry and entry.group(1), params=entry and entry.group(2).count(".param"),
                 cubin=len(r["cubin"]), scratch=[r["global_scratch"], r["profile_scratch"]], block_m=r["block_m"],
+                row_aligned=r["row_aligned"], block_k=r["block_k"],
                 scalars=list(r["scalars"]), mma=sorted(set(re.findall(r"\\b(mma\\.sync|wgmma\\.mma_async)", r["ptx"]))))
 print("RESULT " + json.dumps(out))
 """
@@ -254,6 +257,7 @@ def test_plugin_kernel_compiles_for_sm80_and_sm90():
         dq = dtype == "float16"
         assert r["entry"] == r["name"] == ("nf4_gemm_dq_plugin_kernel" if dq else "nf4_gemm_plugin_kernel"), key
         assert r["cubin"] > 0 and r["block_m"] == {"1": 16, "2": 64}[tactic] and r["scalars"] == ["M", "N", "K"]
+        assert (r["row_aligned"], r["block_k"]) == ((False, 32) if dq else (True, 32)), (key, r)
         # TensorRT passes plugin inputs, the scalars, the output; Triton appends two scratch pointers, never
         # read when the scratch sizes are 0 (TensorRT's own Triton sample launches kernels built the same way)
         ours = len(tp.PLUGINS["nf4_gemm_dq" if dq else "nf4_gemm"].plugin_inputs) + 3 + 1
@@ -272,8 +276,8 @@ out = {}
 for dq in (True, False):
     for dtype in (torch.float32, torch.float16):
         for tactic in nt.PLUGIN_TACTICS:
-            for M in (1, 5):
-                N, K, block = 40, 192, 64
+            for M, K in ((1, 192), (5, 192), (5, 352)):  # 352: blocks of 64 straddle rows
+                N, block = 40, 64
                 g = torch.Generator().manual_seed(M + tactic)
                 w = torch.randn(N, K, generator=g) * torch.logspace(-2, 1, N).unsqueeze(1)
                 st = ref.quantize_nf4(w, block=block, double_quant=dq)
@@ -284,9 +288,18 @@ for dq in (True, False):
                 y = nt.plugin_launch(dq, x, words, codes, st.get("absmax2"), st.get("offset"), N, K, block, 256, tactic)
                 want = nf4_linear(x, st["packed"], absmax, st.get("absmax2"), st.get("offset"), None, N, K, block, 256)
                 d = (y.double() - want.double()).abs()
-                out[f"{dq}-{str(dtype)[6:]}-{tactic}-{M}"] = dict(
+                out[f"{dq}-{str(dtype)[6:]}-{tactic}-{M}-{K}"] = dict(
                     shape=list(y.shape), dtype=str(y.dtype), max_abs=d.max().item(), scale=want.abs().max().item(),
                     rel=(d / (want.double().abs() + 1e-3)).max().item())
+# x = I: y = W_hat^T with exact sums, so nibble order, block indexing across rows and the absmax decode
+# are checked bit for bit
+for dq in (True, False):
+    st = ref.quantize_nf4(torch.randn(40, 352) * 3, block=64, double_quant=dq)
+    absmax = st["absmax_codes"] if dq else st["absmax"]
+    codes = torch.from_numpy(int32_words(absmax.numpy())) if dq else absmax
+    y = nt.plugin_launch(dq, torch.eye(352), torch.from_numpy(int32_words(st["packed"].numpy())), codes,
+                         st.get("absmax2"), st.get("offset"), 40, 352)
+    out[f"exact-{dq}"] = torch.equal(y.T, ref.dequantize_nf4(st))
 print("RESULT " + json.dumps(out))
 """
 
@@ -294,7 +307,8 @@ print("RESULT " + json.dumps(out))
 def test_plugin_convention_in_the_interpreter():
     pytest.importorskip("triton", reason="pip install triton (in the test and gpu extras)")
     out = _child(_INTERPRET, dict(os.environ, TRITON_INTERPRET="1"))
-    assert len(out) == 16
+    assert out.pop("exact-True") is True and out.pop("exact-False") is True
+    assert len(out) == 24
     for key, r in out.items():
         dtype = key.split("-")[1]
         assert r["shape"][1] == 40 and r["dtype"] == f"torch.{dtype}", key
