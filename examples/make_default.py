@@ -1,10 +1,11 @@
 """Build the embedded default: a small Llama and a LoRA adapter for it, deterministically.
 
-    python examples/make_default.py [DIR]      # default: examples/default
+    python -m examples.make_default [DIR]      # from the repository root; default: examples/default
 
-writes DIR/model (config.json + model.safetensors) and DIR/adapter (PEFT LoRA on the attention and MLP
-projections, with non-zero B so the adapter changes the outputs). The same torch version gives the
-same bytes every time; the README's quickstart compiles these.
+writes DIR/model (config.json + model.safetensors, and a byte-level BPE tokenizer of its 1024-token vocabulary
+trained on two of Shakespeare's plays, so text works as calibration data) and DIR/adapter (PEFT LoRA on the
+attention and MLP projections, with non-zero B so the adapter changes the outputs). The same torch and
+tokenizers versions give the same bytes every time; the README's quickstart compiles these.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
+
+from examples.text import speeches
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DIR = HERE / "default"
@@ -28,6 +31,7 @@ def make(out: Path = DEFAULT_DIR) -> Path:
                                       architectures=["LlamaForCausalLM"])
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(out / "model", safe_serialization=True)
+    make_tokenizer(out / "model", config.vocab_size)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, lora_dropout=0.0, init_lora_weights=True)
     peft_model = get_peft_model(model, lora)
     torch.manual_seed(1)
@@ -37,6 +41,21 @@ def make(out: Path = DEFAULT_DIR) -> Path:
                 p.normal_(0, 0.02)
     peft_model.save_pretrained(out / "adapter", safe_serialization=True)
     return out
+
+
+def make_tokenizer(model_dir: Path, vocab_size: int) -> None:
+    """A GPT-2-style byte-level BPE (any text encodes; no unknown tokens) with Llama's <unk>/<s>/</s> as ids 0-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(speeches("comedies/as-you-like-it") + speeches("tragedies/hamlet"), trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>", pad_token="</s>")
+    fast.save_pretrained(model_dir)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def test_two_adapters_are_both_active(default_model, tmp_path):
 
 def test_default_model_is_deterministic(default_model, tmp_path):
     make(tmp_path)
-    for sub, name in (("model", "model.safetensors"), ("adapter", "adapter_model.safetensors")):
+    for sub, name in (("model", "model.safetensors"), ("model", "tokenizer.json"), ("adapter", "adapter_model.safetensors")):
         committed = hashlib.sha256((default_model[0].parent / sub / name).read_bytes()).hexdigest()
         rebuilt = hashlib.sha256((tmp_path / sub / name).read_bytes()).hexdigest()
         assert committed == rebuilt, f"examples/default/{sub}/{name} differs from what make_default.py builds"
