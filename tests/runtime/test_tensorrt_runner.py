@@ -16,7 +16,7 @@ import pytest
 
 from effc.errors import EffcError
 from effc.runtime import open as open_artifact
-from effc.runtime.manifest import MANIFEST, read_manifest, seal, sha256_tree
+from effc.runtime.manifest import MANIFEST, file_hashes, read_manifest, seal, sha256_tree
 from effc.runtime.tensorrt_runner import CACHE_ENV, cache_path, profile_index
 from effc.targets import trt_config
 from effc.targets.trt_engine import Host, engine_mismatch, host_missing
@@ -252,3 +252,24 @@ def test_plugin_engine_matches_its_reference_functions(nf4_trt, tmp_path):
     # TF32 GEMMs and the kernel's own accumulation order: 1% of the logits' range, and the same top-1.
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * np.abs(want).max())
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.gpu
+@tensorrt_host
+def test_engine_for_another_gpu_that_cannot_be_rebuilt_is_refused_naming_both(artifact, tmp_path, monkeypatch):
+    from effc.targets.trt_engine import build_engine
+
+    build_engine(artifact, timing_cache=tmp_path / "timing.cache", progress=lambda line: None)
+    config = json.loads((artifact / trt_config.FILE).read_text())
+    (artifact / trt_config.FILE).write_text(json.dumps(dict(config, tensorrt_min_version="99.0")))  # unbuildable
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    manifest["engine"]["gpu"] = "Some Other GPU"
+    manifest["files"] = file_hashes(artifact)
+    (artifact / MANIFEST).write_text(json.dumps(seal(manifest)))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(EffcError) as e:
+        open_artifact(artifact)
+    msg = str(e.value)
+    assert "\n" not in msg and "its engine.plan was built on Some Other GPU, this GPU is " in msg
+    assert "no engine could be built here (this artifact needs TensorRT 99.0 or newer" in msg
+    assert f"run `effc build-engine {artifact}` on a machine like this one" in msg
