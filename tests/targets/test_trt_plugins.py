@@ -325,3 +325,20 @@ def test_register_with_tensorrt():
     tp.register_with_tensorrt()  # idempotent
     for p in tp.PLUGINS.values():
         assert hasattr(getattr(trtp.op, p.namespace), p.name)
+
+
+def test_compile_nf4_for_trt(hf_dir, tmp_path):
+    """The real path: effc.compile(..., passes=["nf4"], target="trt"); verification runs the artifact in ONNX
+    Runtime (the plugins through their reference functions) against the post-pass graph."""
+    import effc
+    from effc.targets import trt_support
+
+    report = effc.compile(str(hf_dir("llama")), tmp_path / "trt", passes=["nf4"], target="trt", atol=1e-4, rtol=0)
+    assert report.verification["passed"] and report.verification["max_abs"] < 1e-5
+    target = json.loads((tmp_path / "trt" / "manifest.json").read_text())["target"]
+    model = onnx.load(str(tmp_path / "trt" / "model.onnx"))
+    plugins = [n for n in model.graph.node if n.domain == tp.DOMAIN]
+    assert plugins and all(tp.plugin_of(n) is tp.PLUGINS["nf4_gemm_dq"] for n in plugins)
+    assert target["plugins"] == {"nf4_gemm_dq": len(plugins)}
+    assert {n.domain for n in model.graph.node} == {"", tp.DOMAIN} and trt_support.problems(model) == []
+    assert [f.name for f in model.functions] == ["nf4_gemm_dq"]
