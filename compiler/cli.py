@@ -247,6 +247,7 @@ def run(artifact, inputs_npz, save_outputs, threads, adapter, sign_key):
         raise EffcError(f"--save-outputs {save_outputs}: no such directory {save_outputs.parent}; create it first")
     feeds = load_npz(inputs_npz)
     with open_artifact(artifact, threads=threads, adapter=adapter, sign_key=sign_key) as session:
+        click.echo(f"ran on {session.backend}", err=True)
         outputs = session.run(feeds)
     for name, value in outputs.items():
         click.echo(f"{name}: {value.dtype}{list(value.shape)}  mean {float(np.mean(value)):.6g}  std {float(np.std(value)):.6g}")

@@ -331,8 +331,11 @@ def verify(s: State) -> State:
     if not job.verify:
         return s
     with _timed(s, "verify"):
+        # A trt artifact's model.onnx is what is verified, in ONNX Runtime on every machine: on a TensorRT host
+        # the runner would otherwise build an engine here and judge its TF32 numbers by fp32 tolerances.
+        providers = ["CPUExecutionProvider"] if s.manifest["runner"] == "tensorrt" else None
         report.verification, outputs = _verify(s.tmp, s.check_sets, s.graph or s.eager, job.atol, job.rtol,
-                                               s.eager if s.graph is not None else None)
+                                               s.eager if s.graph is not None else None, providers)
         if s.graph is not None:  # what the passes cost, measured on the artifact itself
             report.accuracy_vs_eager = _accuracy(s.eager[0], outputs[0], s.check_sets[0], "artifact")
         if s.ctx.weight_sets and report.verification["passed"]:
@@ -409,7 +412,8 @@ def _verify_adapters(artifact: Path, src, captured, feeds, atol: float, rtol: fl
     return results
 
 
-def _verify(artifact: Path, check_sets, references, atol: float, rtol: float, eager=None) -> tuple[dict, list[dict]]:
+def _verify(artifact: Path, check_sets, references, atol: float, rtol: float, eager=None,
+            providers: list[str] | None = None) -> tuple[dict, list[dict]]:
     """Run the artifact on every verification input set; report the worst set's per-output numbers, and
     the artifact's outputs on each set.
 
@@ -418,7 +422,8 @@ def _verify(artifact: Path, check_sets, references, atol: float, rtol: float, ea
     from effc.runtime.session import Session
 
     results, shapes, gots, masks = [], [], [], []
-    with Session(artifact, verify_hashes=False) as session:
+    with Session(artifact, verify_hashes=False, providers=providers) as session:
+        backend = session.backend
         for feeds, ref in zip(check_sets, references):
             np_feeds = {k: v.numpy() for k, v in feeds.items()}
             masks.append(np_feeds.get("attention_mask"))
@@ -428,7 +433,7 @@ def _verify(artifact: Path, check_sets, references, atol: float, rtol: float, ea
     lossy = LOSSY.judge(results, eager, references, gots, masks) if eager is not None else []
     worst = max(results, key=lambda r: (not r.passed, r.max_abs))
     out = {**worst.to_dict(), "passed": all(r.passed for r in results), "max_abs": max(r.max_abs for r in results),
-           "atol": atol, "rtol": rtol, "shapes": shapes}
+           "atol": atol, "rtol": rtol, "shapes": shapes, "backend": backend}
     if lossy:
         out["quantized_rounding"] = lossy
     return out, gots

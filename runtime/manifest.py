@@ -110,6 +110,8 @@ def referenced_files(manifest: dict) -> dict[str, object]:
     target = manifest.get("target") if isinstance(manifest.get("target"), dict) else {}
     if "native_library" in target:
         refs["target.native_library"] = target["native_library"]
+    if isinstance(manifest.get("engine"), dict):  # a TensorRT engine from effc build-engine
+        refs["engine.file"] = manifest["engine"].get("file")
     adapters = manifest.get("adapters") or {}
     for name, rel in (adapters.get("files") or {}).items() if isinstance(adapters, dict) else ():
         refs[f"adapter {name}"] = rel

@@ -51,7 +51,7 @@ def test_optimized_at_build_time_is_read_from_the_target_info(artifacts):
 
 @pytest.mark.parametrize("runner, message", [
     (None, "names no runner in its manifest .*recompile"),
-    ("tensorrt", "runs on 'tensorrt', which this effc has no runner for .*onnxruntime, torch"),
+    ("coreml", "runs on 'coreml', which this effc has no runner for .*onnxruntime, torch, tensorrt"),
 ])
 def test_unknown_or_missing_runner_is_refused(artifacts, tmp_path, runner, message):
     import shutil
@@ -105,7 +105,7 @@ def test_taps_are_a_runner_capability(artifacts, tmp_path):
     with pytest.raises(EffcError, match="runs on torch, which cannot expose intermediate values; the layer-wise "
                                         "debugger reads ONNX artifacts"):
         Session(as_torch(artifacts, tmp_path), taps=["x"])
-    assert set(BACKENDS) == {"onnxruntime", "torch"}
+    assert set(BACKENDS) == {"onnxruntime", "torch", "tensorrt"}
 
 
 def test_running_an_onnx_artifact_never_imports_torch(artifacts):
