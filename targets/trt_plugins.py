@@ -45,7 +45,7 @@ class Plugin:
     inputs: tuple[str, ...]  # placeholder inputs (the translation's tensors), in order
     attributes: tuple[str, ...]  # INT attributes, on the placeholder and on the plugin node
     lower: Callable  # (placeholder node, {name: initializer}, shared) -> (plugin node inputs, new initializers)
-    body: Callable  # (opset) -> list[NodeProto]: reference computation, inputs `plugin_inputs`, output "y"
+    body: Callable  # () -> list[NodeProto]: reference computation over `plugin_inputs`, output "y"
     plugin_inputs: tuple[str, ...]  # the plugin node's inputs (= the function's), in the kernel's order
     register: Callable  # (tensorrt.plugin module, Plugin) -> None: desc, autotune, aot_impl
     check: Callable = lambda attrs: None  # {attribute: value} -> why the kernel cannot take this node, or None
@@ -63,8 +63,8 @@ class Plugin:
 
     def function(self, opset: int) -> onnx.FunctionProto:
         """The model-local function with the reference computation. It declares every attribute the plugin
-        node carries (ONNX Runtime rejects a node attribute its function does not declare); the plugin
-        attributes (namespace, version, aot) are only for TensorRT and unused by the body."""
+        node carries, as ONNX defines a function's call (ONNX Runtime 1.32 would ignore undeclared ones; other
+        consumers need not); the plugin attributes (namespace, version, aot) are for TensorRT, unused here."""
         return helper.make_function(DOMAIN, self.name, list(self.plugin_inputs), ["y"], self.body(),
                                     [helper.make_opsetid("", opset)], list(self.node_attributes))
 
