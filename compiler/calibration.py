@@ -326,6 +326,9 @@ def run(source: str, data: str, output: str | Path, method: str = "entropy", sam
 
     if method not in AMAX:
         raise EffcError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
+    if trt_cache is not None and not Path(trt_cache).resolve().parent.is_dir():
+        raise EffcError(f"--trt-cache {trt_cache}: folder {Path(trt_cache).resolve().parent} does not exist; create it "
+                        "or give a path in an existing folder")
     src = sources.load(source, adapters, trust_remote_code=trust_remote_code)
     example = example_inputs(src.model, src.config, None, src.example_inputs)
     total = check_data(src, example, data)

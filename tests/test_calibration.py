@@ -120,6 +120,14 @@ def test_calibrate_cli_writes_file_and_trt_cache(default_model, tmp_path):
     assert modules == set(doc["tensors"])
 
 
+def test_trt_cache_in_a_missing_folder_is_refused_first(default_model, tmp_path):
+    write_npz(tmp_path / "d.npz", 4)
+    r = CliRunner().invoke(main, ["calibrate", str(default_model[0]), "--data", str(tmp_path / "d.npz"), "-o",
+                                  str(tmp_path / "c.json"), "--trt-cache", str(tmp_path / "no" / "trt.cache")])
+    assert r.exit_code == 2 and "--trt-cache" in r.output and "does not exist" in r.output, r.output
+    assert not (tmp_path / "c.json").exists()
+
+
 def test_trt_cache_refuses_a_layer_without_a_tensor():
     doc = {"tensors": {"model.layers.0.mlp.down_proj": {"amax": 1.0}}}
     with pytest.raises(EffcError, match="no tensor for the input of model.layers.0.mlp.down_proj"):
