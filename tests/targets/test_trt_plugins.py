@@ -342,3 +342,35 @@ def test_compile_nf4_for_trt(hf_dir, tmp_path):
     assert target["plugins"] == {"nf4_gemm_dq": len(plugins)}
     assert {n.domain for n in model.graph.node} == {"", tp.DOMAIN} and trt_support.problems(model) == []
     assert [f.name for f in model.functions] == ["nf4_gemm_dq"]
+
+
+def test_registration_signatures_follow_the_table():
+    """Without TensorRT: the tensorrt.plugin functions of each row, recorded by a stand-in module, have the
+    signatures tensorrt.plugin validates (TensorRT python/packaging/.../plugin/_validate.py: register = the
+    input tensors then the attributes, annotated; aot_impl = inputs, attributes, outputs, tactic) and match the
+    row's plugin inputs and attributes."""
+    import inspect
+    import types
+
+    seen = {}
+
+    def recorder(kind):
+        return lambda qualified: (lambda fn: seen.setdefault((qualified, kind), fn))
+
+    class TensorDesc:
+        pass
+
+    fake = types.SimpleNamespace(register=recorder("register"), autotune=recorder("autotune"),
+                                 aot_impl=recorder("aot_impl"), TensorDesc=TensorDesc,
+                                 KernelLaunchParams=type("KernelLaunchParams", (), {}),
+                                 SymIntExprs=type("SymIntExprs", (), {}))
+    for p in tp.PLUGINS.values():
+        p.register(fake, p)
+        desc = inspect.signature(seen[(p.qualified, "register")])
+        assert list(desc.parameters) == list(p.plugin_inputs) + list(p.attributes), p.name
+        assert [a.annotation for a in desc.parameters.values()] == [TensorDesc] * len(p.plugin_inputs) + \
+            [int] * len(p.attributes)
+        assert list(inspect.signature(seen[(p.qualified, "autotune")]).parameters) == list(p.plugin_inputs) + ["outputs"]
+        aot = inspect.signature(seen[(p.qualified, "aot_impl")])
+        assert list(aot.parameters) == list(p.plugin_inputs) + list(p.attributes) + ["outputs", "tactic"]
+        assert aot.return_annotation.__args__[2:] == (fake.KernelLaunchParams, fake.SymIntExprs)
