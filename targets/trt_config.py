@@ -14,8 +14,9 @@ range given for one input applies to the others. OPT is where TensorRT times its
 example (2x16, sized for torch.export) is no workload, so the default sequence OPT is 128, the
 calibration's default length. MAX bounds the engine's activation memory (attention is quadratic in the
 sequence), hence the 4096 cap; it stretches to hold the compile's second verification shape (batch + 1,
-2 x sequence + 3), so the artifact's own checks run on its engine. One profile, not a second one for short inputs: effc's graphs have no KV
-cache, so every call is a full forward and one range serves it; a profile costs build time and engine size.
+2 x sequence + 3), so the artifact's own checks run on its engine. One profile, not a second one for
+short inputs: effc's graphs have no KV cache, so every call is a full forward and one range serves it,
+while each profile adds build time and engine size.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ FILE = "trt_build.json"
 FORMAT = "effc-trt-build"
 VERSION = 1
 TIMING_CACHE = "timing.cache"  # beside the artifact's files unless build-engine gets --timing-cache
-# TensorRT's default workspace is the GPU's whole memory, so a tactic's scratch space can take what the
-# weights and activations need on a small card; 4 GiB lets the GEMM and attention tactics run on 16 GB cards.
+# TensorRT's default workspace limit is the GPU's whole memory, so a tactic's scratch space may take what the
+# weights and activations need; with a limit, TensorRT skips the tactics that need more. 4 GiB leaves most
+# of a 16 GB card to the model and is ample for GEMM and attention scratch at these profiles' sizes.
 WORKSPACE_BYTES = 4 << 30
 OPTIMIZATION_LEVEL = 3  # TensorRT's default builder_optimization_level (0..5)
 DEFAULT_BATCH_MAX = 8
