@@ -138,6 +138,10 @@ def _shared_tables() -> dict[str, np.ndarray]:
 def _nf4_lower(double_quant: bool):
     def lower(node: onnx.NodeProto, inits: dict[str, TensorProto], shared: dict[str, np.ndarray]):
         base = node.output[0]
+        computed = [i for i in node.input[1:] if i not in inits]
+        if computed:  # the exporter folded or rewrote a stored weight: the plugin needs the stored bytes
+            raise EffcError(f"{node.name or base}: NF4 weight {computed[0]} is computed in the exported graph, not "
+                            "stored; the TensorRT plugin needs the stored tensors (use --target onnx or ort)")
         packed = numpy_helper.to_array(inits[node.input[1]])
         new = [numpy_helper.from_array(int32_words(packed), f"{base}_packed")]
         if double_quant:
