@@ -74,8 +74,12 @@ def timer(device: str, fn, iters: int, warmup: int) -> float:
         fn()
     times = []
     if device == "cuda":
+        # Each run starts with a cold L2 (as triton.testing.do_bench does): a 4096x4096 fp16 weight (32 MiB)
+        # would otherwise stay in an H100/H200's 50 MiB L2 between runs and decode would not read DRAM.
+        flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
         torch.cuda.synchronize()
         for _ in range(iters):
+            flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -100,6 +104,7 @@ def environment(device: str) -> dict:
         commit = "unknown"
     env = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
            "python": platform.python_version(), "commit": commit, "threads": torch.get_num_threads(),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "dry_run": DRY_RUN}
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
