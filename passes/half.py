@@ -169,7 +169,6 @@ class _Plan:
         self.overridable = overridable
         self.casts = 0
         self.made: dict[tuple[torch.fx.Node, torch.dtype], torch.fx.Node] = {}
-        self.half_name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[half]
         self.notes: list[str] = []
         self.kept_by: dict[str, int] = {}
         self.matched_modules: set[str] = set()
@@ -346,7 +345,7 @@ class _Plan:
         """`node` reads `arg` as `dtype`: through one cast per value and dtype, made before its first reader."""
         cast = self.made.get((arg, dtype))
         if cast is None:
-            rule = "output" if node.op == "output" else ("cast_to_fp32" if dtype is F32 else f"cast_to_{self.half_name}")
+            rule = "output" if node.op == "output" else ("cast_to_fp32" if dtype is F32 else f"cast_to_{self.edit.pass_name}")
             with self.edit.made_by(rule), self.gm.graph.inserting_before(node):
                 cast = self.edit.call(aten.to.dtype, (arg, dtype), meta_from=node if node.op != "output" else arg)
             self.made[(arg, dtype)] = cast
