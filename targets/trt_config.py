@@ -70,6 +70,32 @@ def _shown(r) -> str:
     return "-".join(map(str, r))
 
 
+def dim_ranges(shapes: dict[str, list], ranges: dict[str, list[tuple[int, int, int]]]) -> dict[str, tuple]:
+    """Dim name -> (min, opt, max) from the --input-shapes ranges of inputs with these shapes (dim names or
+    ints): a range given for a named dim of one input holds for that dim name everywhere, so two different
+    ranges for it, a range for a fixed dim, or a rank mismatch is an EffcError. Torch-free, so preflight can
+    check text inputs ([batch, sequence]) before the capture."""
+    given: dict[str, tuple[tuple[int, int, int], str]] = {}
+    for name, dims in ranges.items():
+        shape = shapes[name]
+        if len(dims) != len(shape):
+            raise EffcError(f"--input-shapes {name}: {len(dims)} dims given, the input has {len(shape)} "
+                            f"({'x'.join(map(str, shape))})")
+        for axis, (dim, r) in enumerate(zip(shape, dims)):
+            r = tuple(r)
+            if isinstance(dim, int):
+                if r != (dim, dim, dim):
+                    raise EffcError(f"--input-shapes {name}: dim {axis} is fixed at {dim} in the graph, "
+                                    f"not the range {_shown(r)}; give {dim}")
+                continue
+            if dim in given and given[dim][0] != r:
+                other = given[dim][1]
+                raise EffcError(f"--input-shapes gives dim {dim!r} two ranges: {_shown(given[dim][0])} ({other}) "
+                                f"and {_shown(r)} ({name}); the inputs share it: give one range")
+            given[dim] = (r, name)
+    return {dim: r for dim, (r, _) in given.items()}
+
+
 def build_config(inputs: list[dict], example: dict[str, tuple[int, ...]],
                  shape_ranges: dict[str, list[tuple[int, int, int]]] | None, model_config,
                  plugins=(), workspace_bytes: int = WORKSPACE_BYTES) -> dict:
@@ -87,25 +113,7 @@ def build_config(inputs: list[dict], example: dict[str, tuple[int, ...]],
     for name in by_name:
         if name not in example:
             raise EffcError(f"no example shape for TensorRT graph input {name}; give it with --input-shapes")
-    # A range given for a named dim of one input holds for that dim name everywhere.
-    given: dict[str, tuple[tuple[int, int, int], str]] = {}
-    for name, dims in ranges.items():
-        shape = by_name[name]["shape"]
-        if len(dims) != len(shape):
-            raise EffcError(f"--input-shapes {name}: {len(dims)} dims given, the input has {len(shape)} "
-                            f"({'x'.join(map(str, shape))})")
-        for axis, (dim, r) in enumerate(zip(shape, dims)):
-            r = tuple(r)
-            if isinstance(dim, int):
-                if r != (dim, dim, dim):
-                    raise EffcError(f"--input-shapes {name}: dim {axis} is fixed at {dim} in the graph, "
-                                    f"not the range {_shown(r)}; give {dim}")
-                continue
-            if dim in given and given[dim][0] != r:
-                other = given[dim][1]
-                raise EffcError(f"--input-shapes gives dim {dim!r} two ranges: {_shown(given[dim][0])} ({other}) "
-                                f"and {_shown(r)} ({name}); the inputs share it: give one range")
-            given[dim] = (r, name)
+    given = dim_ranges({name: by_name[name]["shape"] for name in ranges}, ranges)
     profile = {}
     for name, inp in by_name.items():
         shape, ex = inp["shape"], tuple(example[name])
@@ -117,7 +125,7 @@ def build_config(inputs: list[dict], example: dict[str, tuple[int, ...]],
             if isinstance(dim, int):
                 r = (dim, dim, dim)
             elif dim in given:
-                r = given[dim][0]
+                r = given[dim]
             else:
                 r = _default(dim, size, model_config)
                 if r is None:

@@ -80,6 +80,15 @@ def test_bad_ranges_are_one_line(ranges, example, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_dim_ranges_before_capture():
+    # what preflight can check for text inputs, whose dims are known before the capture
+    text = {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
+    assert trt_config.dim_ranges(text, parse_shape_ranges("attention_mask:1-2-4x8-16-32")) == \
+        {"batch": (1, 2, 4), "sequence": (8, 16, 32)}
+    with pytest.raises(EffcError, match="dim 'batch' two ranges: 1-2-4 \\(input_ids\\) and 1-2-8 \\(attention_mask\\)"):
+        trt_config.dim_ranges(text, parse_shape_ranges("input_ids:1-2-4x16,attention_mask:1-2-8x16"))
+
+
 def test_fixed_dim_and_unknown_dynamic_dim_refused():
     inputs = [{"name": "x", "dtype": "float32", "shape": ["batch", 3, "s7"]}]
     with pytest.raises(EffcError, match="dim 1 is fixed at 3 in the graph, not the range 1-3-4"):
