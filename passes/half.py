@@ -29,7 +29,7 @@ import torch
 
 from effc.errors import EffcError
 from effc.passes.base import Capability, Level, Pass, PassConfig, PassContext, PassResult
-from effc.passes.program import module_name, parameter_bytes
+from effc.passes.program import module_name
 from effc.passes.rewrite import GraphEdit
 
 aten = torch.ops.aten
@@ -139,11 +139,8 @@ class _Half(Pass[HalfConfig]):
     def run(self, ep, ctx: PassContext) -> PassResult:
         edit = GraphEdit(ep, self.name)
         plan = _Plan(edit, self.dtype, self.config, frozenset(next(iter(ctx.weight_sets.values()), {})))
-        counts = plan.apply()
-        counts["parameter bytes before"] = parameter_bytes(ep)
-        result = edit.finish(counts, plan.notes, changed=counts["weights converted"] + plan.casts > 0, dropped=None)
-        counts["parameter bytes after"] = parameter_bytes(result.ir)
-        return result
+        counts = plan.apply()  # parameter bytes before and after: the pass instrument records them
+        return edit.finish(counts, plan.notes, changed=counts["weights converted"] + plan.casts > 0, dropped=None)
 
 
 class Fp16(_Half):
