@@ -74,7 +74,8 @@ def dim_ranges(shapes: dict[str, list], ranges: dict[str, list[tuple[int, int, i
     """Dim name -> (min, opt, max) from the --input-shapes ranges of inputs with these shapes (dim names or
     ints): a range given for a named dim of one input holds for that dim name everywhere, so two different
     ranges for it, a range for a fixed dim, or a rank mismatch is an EffcError. Torch-free, so preflight can
-    check text inputs ([batch, sequence]) before the capture."""
+    check text inputs ([batch, sequence]) before the capture. A None in place of a range leaves that dim
+    to its default (or to another input's range for it)."""
     given: dict[str, tuple[tuple[int, int, int], str]] = {}
     for name, dims in ranges.items():
         shape = shapes[name]
@@ -82,6 +83,8 @@ def dim_ranges(shapes: dict[str, list], ranges: dict[str, list[tuple[int, int, i
             raise EffcError(f"--input-shapes {name}: {len(dims)} dims given, the input has {len(shape)} "
                             f"({'x'.join(map(str, shape))})")
         for axis, (dim, r) in enumerate(zip(shape, dims)):
+            if r is None:  # the example's size only: the dim takes its default range
+                continue
             r = tuple(r)
             if isinstance(dim, int):
                 if r != (dim, dim, dim):

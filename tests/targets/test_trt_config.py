@@ -85,6 +85,11 @@ def test_dim_ranges_before_capture():
     text = {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
     assert trt_config.dim_ranges(text, parse_shape_ranges("attention_mask:1-2-4x8-16-32")) == \
         {"batch": (1, 2, 4), "sequence": (8, 16, 32)}
+    # None: the dim takes its default (or another input's range)
+    assert trt_config.dim_ranges(text, {"input_ids": [None, (8, 16, 32)]}) == {"sequence": (8, 16, 32)}
+    config = trt_config.build_config(TEXT, {"input_ids": (4, 16), "attention_mask": (4, 16)},
+                                     {"input_ids": [None, (8, 16, 32)]}, LLAMA)
+    assert profile(config, "attention_mask") == [(1, 4, 8), (8, 16, 32)]
     with pytest.raises(EffcError, match="dim 'batch' two ranges: 1-2-4 \\(input_ids\\) and 1-2-8 \\(attention_mask\\)"):
         trt_config.dim_ranges(text, parse_shape_ranges("input_ids:1-2-4x16,attention_mask:1-2-8x16"))
 
