@@ -112,31 +112,29 @@ def check_compile(source: str, adapters: list[str] | tuple[str, ...] = (), passe
     return resolve(list(passes), items + list(pass_config), have=have, notes=notes)
 
 
-def parse_shape_ranges(text: str | None) -> dict[str, list[tuple[int, int, int]]]:
-    """'input_ids:1-4-8x16-128-512' -> {'input_ids': [(1, 4, 8), (16, 128, 512)]}: each dim is N (fixed) or
-    MIN-OPT-MAX (a TensorRT optimization profile's range; the example input takes OPT)."""
-    shapes: dict[str, list[tuple[int, int, int]]] = {}
+def _parse_dims(text: str | None) -> dict[str, list[tuple[int, ...]]]:
+    """'input_ids:1-4-8x128' -> {'input_ids': [(1, 4, 8), (128,)]}: each dim N or MIN-OPT-MAX."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         name, _, dims = item.partition(":")
-        ranges = []
-        for dim in dims.lower().split("x") if dims else []:
-            try:
-                values = [int(v) for v in dim.split("-")]
-            except ValueError:
-                values = []
-            if len(values) == 1:
-                values *= 3
-            if len(values) != 3 or values[0] < 1 or not values[0] <= values[1] <= values[2]:
-                ranges = []
-                break
-            ranges.append(tuple(values))
-        if not name or not ranges:
+        try:
+            parsed = [tuple(int(v) for v in dim.split("-")) for dim in dims.lower().split("x")]
+        except ValueError:
+            parsed = []
+        if not name or not parsed or not all(len(d) in (1, 3) and d[0] >= 1 and list(d) == sorted(d) for d in parsed):
             raise EffcError(f"--input-shapes: {item!r} is not name:DIMxDIM with each DIM N or MIN-OPT-MAX, "
                             "MIN <= OPT <= MAX (for example input_ids:1x128 or input_ids:1-1-8x1-128-512)")
-        shapes[name] = ranges
+        shapes[name] = parsed
     return shapes
 
 
 def parse_shapes(text: str | None) -> dict[str, tuple[int, ...]]:
-    """'input_ids:1x128,attention_mask:1x128' -> {'input_ids': (1, 128), ...}; a MIN-OPT-MAX dim gives OPT."""
-    return {name: tuple(opt for _, opt, _ in dims) for name, dims in parse_shape_ranges(text).items()}
+    """'input_ids:1x128,attention_mask:1x128' -> {'input_ids': (1, 128), ...}: the example inputs' shapes (a
+    MIN-OPT-MAX dim gives OPT)."""
+    return {name: tuple(d[len(d) // 2] for d in dims) for name, dims in _parse_dims(text).items()}
+
+
+def parse_shape_ranges(text: str | None) -> dict[str, list[tuple[int, int, int] | None]]:
+    """The TensorRT profile ranges in --input-shapes: one (MIN, OPT, MAX) per dim, or None for a plain N
+    (the example's size only; the profile keeps its default range for that dim)."""
+    return {name: [d if len(d) == 3 else None for d in dims] for name, dims in _parse_dims(text).items()}

@@ -147,10 +147,15 @@ def test_bad_calibration_input(default_model, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     np.savez(tmp_path / "names.npz", tokens=np.zeros((4, 8), np.int64))
     (tmp_path / "x.txt").write_text("some text\n")
-    model = str(default_model[0])
-    for data, needle in [("empty.txt", "empty"), ("names.npz", "missing attention_mask, input_ids"), ("nope.npz", "no such file"),
-                         ("x.txt", "no tokenizer")]:
-        r = CliRunner().invoke(main, ["calibrate", model, "--data", str(tmp_path / data), "-o", str(tmp_path / "c.json")])
+    untokenized = tmp_path / "untokenized"  # the default model without its tokenizer files
+    untokenized.mkdir()
+    for f in default_model[0].iterdir():
+        if not f.name.startswith("tokenizer"):
+            (untokenized / f.name).write_bytes(f.read_bytes())
+    for data, needle, model in [("empty.txt", "empty", default_model[0]),
+                                ("names.npz", "missing attention_mask, input_ids", default_model[0]),
+                                ("nope.npz", "no such file", default_model[0]), ("x.txt", "no tokenizer", untokenized)]:
+        r = CliRunner().invoke(main, ["calibrate", str(model), "--data", str(tmp_path / data), "-o", str(tmp_path / "c.json")])
         assert r.exit_code == 2 and needle in r.output, (data, r.output)
         assert not (tmp_path / "c.json").exists()
 

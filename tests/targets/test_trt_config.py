@@ -232,3 +232,11 @@ def test_compile_with_conflicting_ranges_is_one_line(default_model, tmp_path):
     errors = [line for line in r.output.splitlines() if line.startswith("effc: error")]
     assert errors == [r.output.strip().splitlines()[-1]] and \
         "dim 'sequence' two ranges: 1-64-256 (input_ids) and 1-64-128 (attention_mask)" in errors[0]
+
+
+def test_a_plain_dim_sets_the_example_and_keeps_the_default_range():
+    # --input-shapes input_ids:4x128 chooses the example shape; the profile still spans the defaults around it
+    ranges = parse_shape_ranges("input_ids:4x1-128-1024")
+    config = trt_config.build_config(TEXT, {"input_ids": (4, 128), "attention_mask": (4, 128)}, ranges, LLAMA)
+    assert profile(config, "input_ids") == [(1, 4, 8), (1, 128, 1024)]
+    assert profile(config, "attention_mask") == [(1, 4, 8), (1, 128, 1024)]
