@@ -165,7 +165,7 @@ class _Plan:
         self.kept_ops = {op: cls for cls in config.keep_fp32 for op in KEEP_CLASSES[cls]}
         self.overridable = overridable
         self.casts = 0
-        self.made: dict[tuple[torch.fx.Node, torch.dtype], torch.fx.Node] = {}
+        self.made: dict[tuple[torch.fx.Node, torch.dtype, bool], torch.fx.Node] = {}
         self.notes: list[str] = []
         self.kept_by: dict[str, int] = {}
         self.matched_modules: set[str] = set()
@@ -340,12 +340,18 @@ class _Plan:
 
     def _cast(self, node: torch.fx.Node, arg: torch.fx.Node, dtype: torch.dtype) -> torch.fx.Node:
         """`node` reads `arg` as `dtype`: through one cast per value and dtype, made before its first reader."""
-        cast = self.made.get((arg, dtype))
+        # An additive attention mask made with float32's finfo.min would become -inf in fp16, and a fully
+        # masked row (padding) NaN: it saturates to fp16's range first.
+        mask = (dtype is torch.float16 and node.target is aten.scaled_dot_product_attention.default
+                and len(node.args) > 3 and node.args[3] is arg)
+        cast = self.made.get((arg, dtype, mask))
         if cast is None:
             rule = "output" if node.op == "output" else ("cast_to_fp32" if dtype is F32 else f"cast_to_{self.edit.pass_name}")
+            rule = "mask_to_fp16" if mask else rule
             with self.edit.made_by(rule), self.gm.graph.inserting_before(node):
-                cast = self.edit.call(aten.to.dtype, (arg, dtype), meta_from=node if node.op != "output" else arg)
-            self.made[(arg, dtype)] = cast
+                src = self.edit.call(aten.clamp.default, (arg, -FP16_MAX, FP16_MAX), meta_from=node) if mask else arg
+                cast = self.edit.call(aten.to.dtype, (src, dtype), meta_from=node if node.op != "output" else arg)
+            self.made[(arg, dtype, mask)] = cast
             self.edit.count(rule)
             self.casts += 1
         node.replace_input_with(arg, cast)

@@ -100,6 +100,42 @@ def test_nothing_to_convert_is_no_change():
     assert result.counts["weights converted"] == 0 and result.counts["casts inserted"] == 0
 
 
+class MaskedAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x, mask):
+        q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        additive = (1.0 - mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive)
+
+
+def test_float32_attention_mask_saturates_to_fp16():
+    """A mask of float32's finfo.min cast to fp16 is -inf, and a fully masked row (padding) then NaN where
+    attention is a plain Softmax (ONNX; torch's CPU kernel returns zeros): the pass clamps it to fp16's range
+    first. Rows with keys to attend match float32."""
+    torch.manual_seed(0)
+    model = MaskedAttention().eval()
+    mask = torch.ones(2, 5, dtype=torch.int64)
+    mask[0, 3:] = 0
+    mask[1] = 0  # every key masked
+    example = {"x": torch.randn(2, 5, 16), "mask": mask}
+    assert torch.tensor(torch.finfo(torch.float32).min).half().isinf()  # the hazard
+    captured, _ = _captured(model, example)
+    result, got = _run(Fp16(), captured, example)
+    assert result.rules["fp16/mask_to_fp16"] == 1
+    sdpa = next(n for n in result.ir.graph.nodes if n.target is aten.scaled_dot_product_attention.default)
+    cast = sdpa.args[3]
+    assert cast.target is aten.to.dtype and cast.args[1] == F16
+    assert cast.args[0].target is aten.clamp.default and cast.args[0].args[1:] == (-65504.0, 65504.0)
+    out = captured.output_names[0]
+    assert np.isfinite(got[out]).all()
+    eager = run_torch(captured.module, example, captured.output_names)
+    first = compare({out: eager[out][:1]}, {out: got[out][:1]}, Tolerance(float("inf"), 0)).outputs[0]
+    assert first.sqnr_db > 45
+
+
 @pytest.fixture(scope="module")
 def llama():
     return _captured(build("llama"))
