@@ -33,6 +33,10 @@ def _refuse_unexplicit(program) -> None:
 
 
 class TrtTarget(Target):
+    """Translations: the registry's "trt" column only (Target.translations). Attention stays the exporter's
+    standard MatMul/Softmax decomposition with float masks (no com.microsoft MultiHeadAttention, which the
+    ort target adds): TensorRT recognizes and fuses it itself."""
+
     name = "trt"
     summary = "TensorRT: parser-ready ONNX (explicit Q/DQ, effc plugins) + engine build configuration"
     column = "trt"
@@ -45,9 +49,6 @@ class TrtTarget(Target):
         # the optimization profiles' defaults come from the model config (max positions) or --input-shapes
         self.config = getattr(source, "config", None)
         self.shape_ranges = shape_ranges
-
-    # translations(): the registry's "trt" column only. Attention stays the exporter's standard
-    # MatMul/Softmax decomposition (no com.microsoft MultiHeadAttention): TensorRT fuses it itself.
 
     def build(self, program, inputs, output_names, dynamic, out_dir: Path,
               overridable: frozenset[str] = frozenset()) -> BuildResult:
