@@ -21,7 +21,7 @@ from effc import outdir, preflight, sources
 from effc.acceptance import LOSSY
 from effc.capture import capture as capture_program
 from effc.capture import run_torch
-from effc.errors import VerificationError
+from effc.errors import EffcError, VerificationError
 from effc.passes.base import Pass, PassContext
 from effc.passes.program import node_count, parameter_bytes, parameter_count
 from effc.report import CompileReport, PassRecord
@@ -179,8 +179,13 @@ def _compile(
     # Paths, passes and target: the same checks the CLI makes before it imports this module.
     pipeline = preflight.check_compile(source, adapters, passes, pass_config, target, calib, calib_data)
     key = load_key(sign_key) if sign_key is not None else None  # HMAC of the manifest's hash (README, Trust)
+    target_impl = get_target(target)
+    if verify:
+        why = next(filter(None, (p.unverifiable(target_impl.column) for p in pipeline)), None)
+        if why:
+            raise EffcError(why)
     job = Job(source=source, output=Path(output), adapters=tuple(adapters), pipeline=pipeline, target=target,
-              target_impl=get_target(target), input_shapes=input_shapes, shape_ranges=shape_ranges, verify=verify, atol=atol, rtol=rtol,
+              target_impl=target_impl, input_shapes=input_shapes, shape_ranges=shape_ranges, verify=verify, atol=atol, rtol=rtol,
               dump_ir=Path(dump_ir) if dump_ir else None, calib=calib, calib_data=calib_data,
               calib_method=calib_method, calib_samples=calib_samples, trust_remote_code=trust_remote_code,
               task=task, force=force,
@@ -333,7 +338,7 @@ def verify(s: State) -> State:
     with _timed(s, "verify"):
         # A trt artifact's model.onnx is what is verified, in ONNX Runtime on every machine: on a TensorRT host
         # the runner would otherwise build an engine here and judge its TF32 numbers by fp32 tolerances.
-        providers = ["CPUExecutionProvider"] if s.manifest["runner"] == "tensorrt" else None
+        providers = _ort_providers() if s.manifest["runner"] == "tensorrt" else None
         report.verification, outputs = _verify(s.tmp, s.check_sets, s.graph or s.eager, job.atol, job.rtol,
                                                s.eager if s.graph is not None else None, providers)
         if s.graph is not None:  # what the passes cost, measured on the artifact itself
@@ -410,6 +415,13 @@ def _verify_adapters(artifact: Path, src, captured, feeds, atol: float, rtol: fl
                              attention_mask=np_feeds.get("attention_mask"))
             results[name] = {"passed": result.passed, "max_abs": result.max_abs}
     return results
+
+
+def _ort_providers() -> list[str]:
+    """ONNX Runtime's providers here, TensorRT's left out: what verifies a trt artifact's model.onnx."""
+    from effc.runtime.onnxruntime_runner import available_providers
+
+    return [p for p in available_providers() if p != "TensorrtExecutionProvider"]
 
 
 def _verify(artifact: Path, check_sets, references, atol: float, rtol: float, eager=None,

@@ -142,6 +142,11 @@ class Pass(Generic[C]):
         manifest, checked by effc.runtime (runtime/cpu.py) when the artifact is opened."""
         return {}
 
+    def unverifiable(self, target_column: str) -> str | None:
+        """Why this machine cannot verify an artifact of this pass for the target column (bf16 where ONNX
+        Runtime has only its CPU provider), or None; the compile is then refused before any work."""
+        return None
+
     def prepare(self, source: Any) -> None:
         """Called with the loaded source before capture, for passes that configure the model itself."""
 

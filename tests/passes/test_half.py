@@ -292,7 +292,6 @@ def test_minilm_fp16_accuracy(minilm_dir, tmp_path):
     assert out["name"] == "last_hidden_state" and out["sqnr_db"] > 55 and out["cosine"] > 0.99999
 
 
-@pytest.mark.xfail(strict=True, reason="needs the pipeline to ask Pass.unverifiable(target column) before loading")
 def test_bf16_compile_that_would_verify_is_refused_in_one_line(hf_dir, tmp_path):
     if Bf16().unverifiable("onnx") is None:
         pytest.skip("ONNX Runtime's CUDA provider is here: bf16 artifacts can be verified")
