@@ -252,7 +252,6 @@ def tensorrt_tensors(src, captured, example: dict) -> dict[str, str]:
 
     import onnx
 
-    import effc.ops  # noqa: F401  (registers torch.ops.effc, which the trt target inspects before export)
     from effc.targets.base import get_target
 
     target = get_target("trt")

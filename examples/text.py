@@ -30,3 +30,10 @@ def speeches(play: str, limit: int | None = None, min_words: int = 8) -> list[st
         if limit and len(out) >= limit:
             break
     return out
+
+
+if __name__ == "__main__":  # python -m examples.text [PLAY] [LIMIT] > text.txt: one speech per line
+    import sys
+
+    play = sys.argv[1] if len(sys.argv) > 1 else "comedies/as-you-like-it"
+    print("\n".join(speeches(play, int(sys.argv[2]) if len(sys.argv) > 2 else None)))

@@ -20,6 +20,8 @@ def _refuse_unexplicit(program) -> None:
     """Quantized forms TensorRT's explicit quantization cannot express, refused before export in one line."""
     import torch
 
+    import effc.ops  # noqa: F401  (registers torch.ops.effc.*, read below)
+
     for node in program.graph.nodes:
         if node.op != "call_function" or node.target is not torch.ops.effc.nbits_linear.default:
             continue
