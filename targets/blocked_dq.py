@@ -19,6 +19,7 @@ from onnx.defs import OpSchema
 from onnxscript.values import Opset
 
 from effc.formats.nbits import pack_nibbles, unpack
+from effc.targets.onnx_nodes import replace_nodes
 
 DOMAIN = "effc.internal"
 OPSET = 21  # DequantizeLinear's block_size and the 4-bit types
@@ -78,12 +79,7 @@ def to_standard(model: onnx.ModelProto) -> int:
         model.graph.initializer.extend(new_inits)
         count += 1
     if count:
-        used = {i for n in nodes for i in n.input}
-        keep = [t for t in model.graph.initializer if t.name in used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
+        replace_nodes(model, nodes)
         for imp in model.opset_import:
             if imp.domain in ("", "ai.onnx"):
                 imp.version = max(imp.version, OPSET)

@@ -1,4 +1,5 @@
 """What effc reads and writes on ONNX nodes, without torch (effc inspect reads artifacts with it):
+replacing a graph's nodes after a post-export rewrite,
 operator labels and the provenance tag, "<pass>/<rule>" of the rewrite rule that made a node
 (passes/rewrite.py), kept in node metadata."""
 
@@ -31,3 +32,14 @@ def provenance_summary(model: onnx.ModelProto) -> dict[str | None, Counter]:
     for node in model.graph.node:
         made.setdefault(provenance(node), Counter())[op_label(node)] += 1
     return dict(sorted(made.items(), key=lambda kv: (kv[0] is None, -sum(kv[1].values()), kv[0] or "")))
+
+
+def replace_nodes(model, nodes: list) -> None:
+    """Make `nodes` the graph's nodes, dropping the initializers none of them reads (the ones a rewrite of
+    placeholder nodes replaced with new, repacked ones)."""
+    reads = {i for n in nodes for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in reads]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)

@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from effc.errors import EffcError
+from effc.targets.onnx_nodes import replace_nodes
 
 DOMAIN = "effc.trt"  # plugin nodes and their reference functions
 PENDING = "effc.internal.trt"  # placeholders, made by the "trt" translations, gone after finalize()
@@ -360,12 +361,7 @@ def finalize(model: onnx.ModelProto) -> int:
     if not count:
         return 0
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in shared.items() if k not in inits)
-    reads = {i for n in nodes for i in n.input}
-    keep = [t for t in model.graph.initializer if t.name in reads]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    replace_nodes(model, nodes)
     opset = _opset(model)
     have = {(f.domain, f.name) for f in model.functions}
     model.functions.extend(p.function(opset) for p in used.values() if (DOMAIN, p.name) not in have)
