@@ -19,7 +19,7 @@ from onnx.defs import OpSchema
 from onnxscript.values import Opset
 
 from effc.formats.nbits import pack_nibbles, unpack
-from effc.targets.onnx_nodes import replace_nodes
+from effc.targets.onnx_nodes import STANDARD_DOMAINS, replace_nodes
 
 DOMAIN = "effc.internal"
 OPSET = 21  # DequantizeLinear's block_size and the 4-bit types
@@ -81,7 +81,7 @@ def to_standard(model: onnx.ModelProto) -> int:
     if count:
         replace_nodes(model, nodes)
         for imp in model.opset_import:
-            if imp.domain in ("", "ai.onnx"):
+            if imp.domain in STANDARD_DOMAINS:
                 imp.version = max(imp.version, OPSET)
         others = [imp for imp in model.opset_import if imp.domain != DOMAIN]
         del model.opset_import[:]

@@ -7,8 +7,8 @@ from pathlib import Path
 from effc.errors import EffcError
 from effc.targets import blocked_dq, onnx_export
 from effc.targets.base import BuildResult, Target
+from effc.targets.onnx_nodes import STANDARD_DOMAINS, standard_opset
 
-STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 class OnnxTarget(Target):
@@ -26,5 +26,4 @@ class OnnxTarget(Target):
             raise EffcError(f"the graph uses operators outside the standard ONNX opset ({', '.join(custom)}); "
                             "use --target ort, or drop the pass that introduced them")
         files = onnx_export.save(model, out_dir / "model.onnx")
-        opset = next(i.version for i in model.opset_import if i.domain in STANDARD_DOMAINS)
-        return onnx_export.result(out_dir, files, {"opset": opset}, model, program)
+        return onnx_export.result(out_dir, files, {"opset": standard_opset(model)}, model, program)

@@ -9,12 +9,13 @@ from collections import Counter
 
 import onnx
 
+STANDARD_DOMAINS = ("", "ai.onnx")  # the default ONNX domain, by both of its names
 PROVENANCE_KEY = "effc.provenance"  # node metadata: "<pass>/<rule>" that made the node (passes/rewrite.py)
 
 
 def op_label(node: onnx.NodeProto) -> str:
     """An operator as reports name it: its type, prefixed by its domain outside the standard one."""
-    return (f"{node.domain}." if node.domain not in ("", "ai.onnx") else "") + node.op_type
+    return (f"{node.domain}." if node.domain not in STANDARD_DOMAINS else "") + node.op_type
 
 
 def provenance(node: onnx.NodeProto) -> str | None:
@@ -43,3 +44,8 @@ def replace_nodes(model, nodes: list) -> None:
     model.graph.initializer.extend(keep)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+
+
+def standard_opset(model) -> int | None:
+    """The model's opset of the default ONNX domain."""
+    return next((i.version for i in model.opset_import if i.domain in STANDARD_DOMAINS), None)

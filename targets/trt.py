@@ -12,6 +12,7 @@ from pathlib import Path
 from effc.errors import EffcError
 from effc.targets import blocked_dq, onnx_export, trt_config, trt_plugins, trt_support
 from effc.targets.base import BuildResult, Target
+from effc.targets.onnx_nodes import standard_opset
 
 OPSET = 20  # the parser's newest; blocked_dq.to_standard raises it to 21 for INT4 blocked DequantizeLinear
 
@@ -64,8 +65,7 @@ class TrtTarget(Target):
             raise EffcError(trt_support.summary(found))
         used = Counter(p.name for p in map(trt_plugins.plugin_of, model.graph.node) if p)
         files = onnx_export.save(model, out_dir / "model.onnx")
-        opset = next(i.version for i in model.opset_import if i.domain in trt_support.STANDARD_DOMAINS)
-        info = {"opset": opset, "plugins": dict(sorted(used.items())), "build": trt_config.FILE,
+        info = {"opset": standard_opset(model), "plugins": dict(sorted(used.items())), "build": trt_config.FILE,
                 "tensorrt_ready": True}
         result = onnx_export.result(out_dir, files, info, model, program)
         example = {name: tuple(t.shape) for name, t in inputs.items()}

@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from effc.targets.onnx_nodes import STANDARD_DOMAINS, standard_opset
 from effc.targets.trt_plugins import plugin_of
 
 MATRIX = Path(__file__).parent / "data" / "onnx_tensorrt_10_operators.md"
-STANDARD_DOMAINS = ("", "ai.onnx")
 OPSETS = range(9, 21)  # the matrix: "TensorRT 10.0 supports operators in the inclusive range of opset 9 to opset 20"
 # DequantizeLinear's block_size and the INT4 type exist only from opset 21; TensorRT 10 parses blocked INT4
 # DQ (the matrix lists INT4 for DequantizeLinear) and ModelOpt's INT4 export writes it at opset 21, so 21
@@ -109,7 +109,7 @@ def _blocked_int4(model: onnx.ModelProto) -> bool:
 
 
 def _opset_problems(model: onnx.ModelProto) -> list[str]:
-    version = next((i.version for i in model.opset_import if i.domain in STANDARD_DOMAINS), None)
+    version = standard_opset(model)
     if version is None:
         return ["the model imports no default-domain opset"]
     if version in OPSETS or (version == BLOCKED_OPSET and _blocked_int4(model)):
