@@ -25,6 +25,7 @@ from effc.errors import EffcError, VerificationError
 from effc.passes.base import Pass, PassContext
 from effc.passes.program import node_count, parameter_bytes, parameter_count
 from effc.report import CompileReport, PassRecord
+from effc.runtime.backends import runner_class
 from effc.runtime.compare import Tolerance, compare
 from effc.runtime.manifest import REPORT, load_key, write_manifest
 from effc.targets.base import get_target
@@ -336,9 +337,9 @@ def verify(s: State) -> State:
     if not job.verify:
         return s
     with _timed(s, "verify"):
-        # A trt artifact's model.onnx is what is verified, in ONNX Runtime on every machine: on a TensorRT host
-        # the runner would otherwise build an engine here and judge its TF32 numbers by fp32 tolerances.
-        providers = _ort_providers() if s.manifest["runner"] == "tensorrt" else None
+        # A runner may say what verification should run (the tensorrt runner: model.onnx in ONNX Runtime).
+        runner = runner_class(s.tmp, s.manifest)
+        providers = runner.verification_providers() if hasattr(runner, "verification_providers") else None
         report.verification, outputs = _verify(s.tmp, s.check_sets, s.graph or s.eager, job.atol, job.rtol,
                                                s.eager if s.graph is not None else None, providers)
         if s.graph is not None:  # what the passes cost, measured on the artifact itself
@@ -415,13 +416,6 @@ def _verify_adapters(artifact: Path, src, captured, feeds, atol: float, rtol: fl
                              attention_mask=np_feeds.get("attention_mask"))
             results[name] = {"passed": result.passed, "max_abs": result.max_abs}
     return results
-
-
-def _ort_providers() -> list[str]:
-    """ONNX Runtime's providers here, TensorRT's left out: what verifies a trt artifact's model.onnx."""
-    from effc.runtime.onnxruntime_runner import available_providers
-
-    return [p for p in available_providers() if p != "TensorrtExecutionProvider"]
 
 
 def _verify(artifact: Path, check_sets, references, atol: float, rtol: float, eager=None,

@@ -4,7 +4,8 @@ opened, so an ONNX artifact never imports torch.
 
 A runner class is built as cls(root, manifest, threads=, providers=, taps=, verified=) and has
 `run(names, feeds) -> list of arrays` and `taps: ClassVar[bool]`, whether it can return intermediate
-values (the layer-wise debugger's taps) as extra outputs."""
+values (the layer-wise debugger's taps) as extra outputs. A runner may have a static
+`verification_providers()`: the providers effc.compile verifies its artifacts with."""
 
 from __future__ import annotations
 

@@ -71,6 +71,15 @@ class TensorRTRunner:
     # TensorRT host, since an engine's intermediate values are fused away.
     taps: ClassVar[bool] = True
 
+    @staticmethod
+    def verification_providers() -> list[str]:
+        """What effc.compile verifies a trt artifact with: its model.onnx in ONNX Runtime (the providers here,
+        TensorRT's left out), the same numbers on every machine. On a TensorRT host the default path would
+        build an engine during the compile and judge its TF32 numbers by fp32 tolerances."""
+        from effc.runtime.onnxruntime_runner import available_providers
+
+        return [p for p in available_providers() if p != "TensorrtExecutionProvider"]
+
     def __init__(self, root: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None,
                  taps: list[str] | tuple[str, ...] = (), verified: bool = False):
         self.root = Path(root)
