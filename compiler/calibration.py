@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from effc import decoder
 from effc.errors import EffcError
 from effc.inputs import max_positions
 from effc.watch import watch
@@ -283,7 +284,7 @@ def check_data(src, example: dict, data: str) -> int:
     capture; the number of samples (collect's `total`, so the data is read through once, not twice)."""
     from effc import dataset
 
-    return dataset.count(data, list(example), max_positions(src.config))
+    return dataset.count(data, decoder.data_names(example), max_positions(src.config))
 
 
 def collect(src, program, example: dict, data: str, method: str = "entropy", samples: int | None = None,
@@ -297,13 +298,14 @@ def collect(src, program, example: dict, data: str, method: str = "entropy", sam
         raise EffcError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
     limit = max_positions(src.config)
     if total is None:
-        total = dataset.count(data, list(example), limit)
+        total = dataset.count(data, decoder.data_names(example), limit)
     if samples is not None:
         total = min(total, samples)
     if total == 0:
         raise EffcError(f"the calibration dataset {data} is empty: give at least one sample")
-    stream = dataset.batches(data, list(example), src.spec if src.kind == "hf_dir" else None, max_length,
-                             batch_size, samples, max_positions=limit, trust_remote_code=src.trust_remote_code)
+    stream = decoder.filled(dataset.batches(data, decoder.data_names(example), src.spec if src.kind == "hf_dir" else None,
+                                            max_length, batch_size, samples, max_positions=limit,
+                                            trust_remote_code=src.trust_remote_code), example)
     if progress_bar is not None:
         with progress_bar(total) as bar:
             histograms, channels = calibrate(program, stream, bar.update)
@@ -320,8 +322,7 @@ def run(source: str, data: str, output: str | Path, method: str = "entropy", sam
     """`effc calibrate`: load and capture `source`, calibrate, write the calibration file (and with
     trt_cache, TensorRT's calibration cache for the model's trt graph; both or neither)."""
     from effc import sources
-    from effc.capture import capture
-    from effc.inputs import dynamic_dims, example_inputs
+    from effc.capture import capture_source, source_example
 
     if method not in AMAX:
         raise EffcError(f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}")
@@ -329,9 +330,9 @@ def run(source: str, data: str, output: str | Path, method: str = "entropy", sam
         raise EffcError(f"--trt-cache {trt_cache}: folder {Path(trt_cache).resolve().parent} does not exist; create it "
                         "or give a path in an existing folder")
     src = sources.load(source, adapters, trust_remote_code=trust_remote_code)
-    example = example_inputs(src.model, src.config, None, src.example_inputs)
+    example = source_example(src)
     total = check_data(src, example, data)
-    captured = capture(src.model, example, dynamic_dims(example))
+    captured = capture_source(src, example)
     doc = collect(src, captured.program, example, data, method, samples, max_length, batch_size, percentile,
                   progress_bar, total=total)
     cache = tensorrt_cache(doc, tensorrt_tensors(src, captured, example)) if trt_cache else None

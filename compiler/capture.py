@@ -105,14 +105,25 @@ def named_module(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tup
 
 
 def capture(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
-            dynamic: dict[str, dict[int, str]]) -> Captured:
-    wrapper, _ = named_module(model, inputs)
+            dynamic: dict[str, dict[int, str]], wrapper: torch.nn.Module | None = None) -> Captured:
+    """`wrapper`: a module with input_names / output_names that calls the model (effc.decoder.WithPast);
+    by default NamedOutputs."""
+    from effc.decoder import TOTAL
+
+    if wrapper is None:
+        wrapper, _ = named_module(model, inputs)
     output_names = wrapper.output_names
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if any(TOTAL in axes.values() for axes in dynamic.values()):
+        limit = None  # a bounded sequence beside the derived total makes torch.export guard them apart
     dims: dict[str, Dim] = {}
-    shapes = {name: {axis: dims.setdefault(dim, Dim(dim, max=limit) if dim == "sequence" and limit else Dim(dim))
-                     for axis, dim in axes.items()}
-              for name, axes in dynamic.items()}
+
+    def dim(name: str):
+        if name == TOTAL:  # past + new: torch.export derives its relation to the other dims
+            return Dim.AUTO
+        return dims.setdefault(name, Dim(name, max=limit) if name == "sequence" and limit else Dim(name))
+
+    shapes = {name: {axis: dim(d) for axis, d in axes.items()} for name, axes in dynamic.items()}
     try:
         program = _export(wrapper, inputs, shapes)
     except torch._dynamo.exc.UserError as e:
@@ -135,3 +146,25 @@ def run_torch(module, inputs: dict[str, torch.Tensor], output_names: list[str]) 
     with torch.no_grad():
         values = module(**inputs)
     return {n: v.detach().cpu().numpy() for n, v in zip(output_names, values)}
+
+
+def source_example(src, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """The example inputs to capture a loaded effc.sources.Source with: a decoder's carry its past."""
+    from effc import decoder
+    from effc.inputs import example_inputs
+
+    example = example_inputs(src.model, src.config, shapes, src.example_inputs)
+    if src.task == decoder.TASK:
+        example = decoder.example_inputs(decoder.info(src.model, src.config), tuple(example["input_ids"].shape))
+    return example
+
+
+def capture_source(src, example: dict[str, torch.Tensor]) -> Captured:
+    """torch.export of a loaded Source: a causal LM with its KV cache (effc.decoder) unless --task said not."""
+    from effc import decoder
+    from effc.inputs import dynamic_dims
+
+    if src.task == decoder.TASK:
+        wrapper = decoder.WithPast(prepare(src.model), decoder.info(src.model, src.config)["layers"])
+        return capture(src.model, example, decoder.dynamic_dims(list(example)), wrapper)
+    return capture(src.model, example, dynamic_dims(example))

@@ -14,8 +14,9 @@ def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples:
           max_length: int = 128, batch_size: int = 8, progress_bar=None, sign_key=None,
           trust_remote_code: bool = False) -> LayerReport:
     from effc import dataset, sources
-    from effc.capture import capture, run_torch
-    from effc.inputs import dynamic_dims, example_inputs, max_positions
+    from effc import decoder
+    from effc.capture import capture_source, run_torch, source_example
+    from effc.inputs import max_positions
     from effc.runtime.manifest import read_manifest
     from effc.runtime.session import Session
 
@@ -29,8 +30,8 @@ def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples:
     if built_from and built_from != src.sha256:
         raise EffcError(f"{artifact} was compiled from another model (sha256 {built_from[:12]}…, {source} is "
                         f"{src.sha256[:12]}…); give the SOURCE it was compiled from")
-    example = example_inputs(src.model, src.config, None, src.example_inputs)
-    captured = capture(src.model, example, dynamic_dims(example))
+    example = source_example(src)
+    captured = capture_source(src, example)
     module = captured.program.module()
     float_probes = probes(module)
     comparison = LayerComparison(float_probes, artifact_probes, layer_rules(Path(artifact), manifest))
@@ -38,16 +39,17 @@ def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples:
         raise EffcError(f"no layer of {source} matches a probe of {artifact}; is it the model it was compiled from?")
     names = tap_names({k: float_probes[k] for k in comparison.layers})
     limit = max_positions(src.config)
-    total = dataset.count(data, captured.input_names, limit)
+    total = dataset.count(data, decoder.data_names(example), limit)
     total = total if samples is None else min(total, samples)
     if total == 0:
         raise EffcError(f"the dataset {data} is empty: give at least one sample")
-    stream = dataset.batches(data, captured.input_names, src.spec if src.kind == "hf_dir" else None, max_length,
-                             batch_size, samples, max_positions=limit, trust_remote_code=trust_remote_code)
+    stream = decoder.filled(dataset.batches(data, decoder.data_names(example), src.spec if src.kind == "hf_dir" else None,
+                                            max_length, batch_size, samples, max_positions=limit,
+                                            trust_remote_code=trust_remote_code), example)
     taps = tap_names({k: artifact_probes[k] for k in comparison.layers})
     with Session(artifact, taps=taps, sign_key=sign_key) as session, (progress_bar or _no_bar)(total) as bar:
         for feeds in stream:
-            np_feeds = {k: v.numpy() for k, v in feeds.items()}
+            np_feeds = {decoder.public(k): v.numpy() for k, v in feeds.items()}
             got = session.run(np_feeds)
             mask = np_feeds.get("attention_mask")
             comparison.add(graph_taps(module, names, feeds), got, mask)

@@ -15,12 +15,11 @@ from typing import Any, Callable
 import torch
 
 import effc
-from effc import calibration
+from effc import calibration, decoder
 from effc import inputs as inputs_mod
 from effc import outdir, preflight, sources
 from effc.acceptance import LOSSY
-from effc.capture import capture as capture_program
-from effc.capture import run_torch
+from effc.capture import capture_source, run_torch, source_example
 from effc.errors import EffcError, VerificationError
 from effc.passes.base import Pass, PassContext
 from effc.passes.program import node_count, parameter_bytes, parameter_count
@@ -87,6 +86,7 @@ class State:
     eager: list[dict] = field(default_factory=list)  # eager PyTorch's outputs on each verification set
     graph: list[dict] | None = None  # lossy passes: the graph's after the passes, the artifact's reference
     ctx: PassContext | None = None
+    decoder: dict | None = None  # effc.decoder.info for a text-generation-with-past compile
     tmp: Path | None = None  # the artifact being written; published or removed
     manifest: dict | None = None
 
@@ -212,7 +212,9 @@ def load(s: State) -> State:
             s.calibration_doc = calibration.read(Path(job.calib), model_sha256=s.src.fingerprint)
         for p in job.pipeline:
             p.prepare(s.src)
-        s.example = inputs_mod.example_inputs(s.src.model, s.src.config, job.input_shapes, s.src.example_inputs)
+        s.example = source_example(s.src, job.input_shapes)
+        if s.src.task == decoder.TASK:
+            s.decoder = decoder.info(s.src.model, s.src.config)
         if job.calib_data:  # before the capture
             s.samples_in_data = calibration.check_data(s.src, s.example, job.calib_data)
     return s
@@ -221,7 +223,7 @@ def load(s: State) -> State:
 def capture(s: State) -> State:
     """torch.export of the model on the example inputs, with their dynamic dims."""
     with _timed(s, "capture"):
-        s.captured = capture_program(s.src.model, s.example, inputs_mod.dynamic_dims(s.example))
+        s.captured = capture_source(s.src, s.example)
         s.program = s.captured.program
     s.report = CompileReport(source=s.src.describe(), target=s.job.target, nodes_captured=node_count(s.program),
                              param_bytes_captured=parameter_bytes(s.program), params_captured=parameter_count(s.program))
@@ -242,7 +244,12 @@ def calibrate(s: State) -> State:
 def reference(s: State) -> State:
     """The verification inputs and eager PyTorch's outputs on them."""
     with _timed(s, "reference"):
-        s.check_sets = _verification_inputs(s.example, s.src.config)
+        if s.decoder is not None:  # a prefill, two cached decode steps after it, and a long prefill
+            shape = (2, int(s.example["input_ids"].shape[1]))
+            long = min(s.decoder["max_positions"] or VERIFY_LENGTH, VERIFY_LENGTH)
+            s.check_sets = decoder.verification_inputs(s.captured.module, s.decoder, shape, long)
+        else:
+            s.check_sets = _verification_inputs(s.example, s.src.config)
         s.eager = [run_torch(s.captured.module, feeds, s.captured.output_names) for feeds in s.check_sets]
     return s
 
@@ -259,8 +266,9 @@ def passes(s: State) -> State:
         # For passes that read activations (GPTQ, AWQ) or measure accuracy (int8.auto_exclude) as they work.
         from effc import dataset
 
-        data = list(dataset.batches(job.calib_data, list(s.example), s.src.spec if s.src.kind == "hf_dir" else None,
-                                    samples=job.calib_samples))
+        stream = dataset.batches(job.calib_data, decoder.data_names(s.example),
+                                 s.src.spec if s.src.kind == "hf_dir" else None, samples=job.calib_samples)
+        data = list(decoder.filled(stream, s.example))
     s.ctx = PassContext(example_inputs=s.example, calibration=s.calibration_doc, source=s.src, log=job.say, data=data)
     for i, p in enumerate(job.pipeline, 1):
         job.say(f"effc: pass {p.name} ({i}/{len(job.pipeline)})...")
@@ -317,9 +325,12 @@ def build(s: State) -> State:
         "target": {"name": job.target, **built.info},
         "runner": built.runner,
         "model_file": built.model_file,
-        "inputs": built.inputs,
+        "inputs": [{**i, "name": decoder.public(i["name"])} for i in built.inputs],
         "outputs": built.outputs,
     }
+    if s.decoder is not None:
+        tokenizer = decoder.copy_tokenizer(src, s.tmp)
+        s.manifest["decoder"] = {**s.decoder, "task": decoder.TASK, "tokenizer": tokenizer}
     if weight_sets:
         s.manifest["adapters"] = weight_sets
     requires = _requirements(job.pipeline)
@@ -405,7 +416,7 @@ def _verify_adapters(artifact: Path, src, captured, feeds, atol: float, rtol: fl
     from effc.runtime.session import Session
 
     results = {}
-    np_feeds = {k: v.numpy() for k, v in feeds.items()}
+    np_feeds = {decoder.public(k): v.numpy() for k, v in feeds.items()}
     with Session(artifact, verify_hashes=False) as session:
         for name in session.adapter_names():
             for module in src.model.modules():
@@ -431,7 +442,7 @@ def _verify(artifact: Path, check_sets, references, atol: float, rtol: float, ea
     with Session(artifact, verify_hashes=False, providers=providers) as session:
         backend = session.backend
         for feeds, ref in zip(check_sets, references):
-            np_feeds = {k: v.numpy() for k, v in feeds.items()}
+            np_feeds = {decoder.public(k): v.numpy() for k, v in feeds.items()}
             masks.append(np_feeds.get("attention_mask"))
             gots.append(session.run(np_feeds))
             results.append(compare(ref, gots[-1], Tolerance(atol, rtol), attention_mask=masks[-1]))

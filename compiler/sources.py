@@ -28,6 +28,7 @@ class Source:
     adapters: list[dict] = field(default_factory=list)
     example_inputs: dict[str, torch.Tensor] | None = None  # given by a factory
     trust_remote_code: bool = False  # the user allowed the model directory's own code (--trust-remote-code)
+    task: str | None = None  # effc.decoder.TASK: captured with its KV cache
 
     @property
     def fingerprint(self) -> str:
@@ -57,7 +58,8 @@ def _state_sha256(model: torch.nn.Module) -> str:
 # --task NAME -> the transformers Auto class that loads the model with that head.
 TASKS: dict[str, str] = {
     "feature-extraction": "AutoModel",
-    "text-generation": "AutoModelForCausalLM",
+    "text-generation": "AutoModelForCausalLM",  # one forward, no cache
+    "text-generation-with-past": "AutoModelForCausalLM",  # the default for causal LMs (effc.decoder)
     "fill-mask": "AutoModelForMaskedLM",
     "sequence-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
@@ -159,6 +161,9 @@ def load(spec: str, adapters: list[str] | tuple[str, ...] = (), *, trust_remote_
         source = Source(spec, "factory", model, _state_sha256(model), config, example_inputs=example)
     else:
         raise EffcError(f"{spec}: no such model directory (give a Hugging Face model directory or module:callable)")
+    from effc.decoder import check_task
+
+    source.task = check_task(task, source.model)
     if adapters:
         from effc.adapters import apply_adapters
 

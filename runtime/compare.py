@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from effc.runtime.kv_cache import PRESENT
+
 # Defaults by the reference's precision, used when the user gives no tolerance for an output.
 DEFAULT_TOLERANCE = {
     "float64": (1e-6, 1e-5),
@@ -90,11 +92,20 @@ def default_tolerance(ref: np.ndarray) -> Tolerance:
 
 
 def valid_positions(shape, mask):
-    """A boolean [B, S] selector (numpy or torch, as the mask) when values of `shape` are laid out
-    [B, S, ...] like the attention mask; None when there is no mask or the layout differs."""
-    if mask is None or mask.ndim != 2 or len(shape) < 2 or tuple(shape[:2]) != tuple(mask.shape):
+    """A boolean selector (numpy or torch, as the mask) when values of `shape` are laid out like the
+    attention mask in their leading dims ([B, S, ...]); None when there is no mask or the layout differs."""
+    if mask is None or mask.ndim < 2 or len(shape) < mask.ndim or tuple(shape[:mask.ndim]) != tuple(mask.shape):
         return None
     return mask != 0
+
+
+def output_mask(name: str, shape, mask):
+    """The padding mask laid out as output `name`: a decoder's present.N.key/value is [B, heads, total, D]
+    against the [B, total] mask (its values at padding positions are never attended to)."""
+    if (mask is not None and name.startswith(PRESENT + ".") and len(shape) == 4 and mask.ndim == 2
+            and tuple(mask.shape) == (shape[0], shape[2])):
+        return np.broadcast_to(np.asarray(mask)[:, None, :], tuple(shape[:3]))
+    return mask
 
 
 def unpadded(values, mask):
@@ -172,6 +183,7 @@ def compare_output(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance, 
         nan = float("nan")
         return OutputComparison(name, shape, tol.atol, tol.rtol, False, nan, nan, nan, nan, nan, nan, 0, 0,
                                 problem=f"shape {got.shape} != reference {ref.shape}"), 0
+    mask = output_mask(name, ref.shape, mask)
     valid = valid_positions(ref.shape, mask)
     ignored = 0 if valid is None else int((~valid).sum())
     r64, g64 = _f64(unpadded(ref, mask)), _f64(unpadded(got, mask))

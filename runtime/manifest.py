@@ -112,6 +112,9 @@ def referenced_files(manifest: dict) -> dict[str, object]:
         refs["target.native_library"] = target["native_library"]
     if isinstance(manifest.get("engine"), dict):  # a TensorRT engine from effc build-engine
         refs["engine.file"] = manifest["engine"].get("file")
+    decoder = manifest.get("decoder") if isinstance(manifest.get("decoder"), dict) else {}
+    if decoder.get("tokenizer"):
+        refs["decoder.tokenizer"] = decoder["tokenizer"]
     adapters = manifest.get("adapters") or {}
     for name, rel in (adapters.get("files") or {}).items() if isinstance(adapters, dict) else ():
         refs[f"adapter {name}"] = rel

@@ -12,6 +12,7 @@ import numpy as np
 from effc.errors import EffcError
 from effc.runtime import cpu
 from effc.runtime.backends import runner_class
+from effc.runtime.kv_cache import complete_feeds
 from effc.runtime.limits import check_feeds
 from effc.runtime.manifest import artifact_file, read_manifest
 
@@ -89,8 +90,12 @@ class Session:
         return self._weight_sets[name]
 
     def validate(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Check names, dtypes, ranks and fixed dims; dynamic dims of the same name must agree."""
+        """Check names, dtypes, ranks and fixed dims; dynamic dims of the same name must agree. A decoder's
+        feeds without the cache are a prefill: the empty cache and the positions are filled in."""
         expected = {i.name: i for i in self.inputs}
+        decoder = self.manifest.get("decoder")
+        if decoder:
+            feeds = complete_feeds(feeds, decoder["kv_heads"], decoder["head_dim"], list(expected))
         missing = sorted(set(expected) - set(feeds))
         extra = sorted(set(feeds) - set(expected))
         if missing or extra:

@@ -80,10 +80,25 @@ def export(program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
     _rename_dims(model, dynamic)
+    _public_inputs(model)
     _strip_debug_metadata(model)
     tag_provenance(model, program, onnx_program.exported_program)
     _make_overridable(model, overridable)
     return model
+
+
+def _public_inputs(model: onnx.ModelProto) -> None:
+    """Graph inputs under their public names (a decoder's past_key_values_0_key -> past_key_values.0.key,
+    the names Optimum and onnxruntime-genai feed)."""
+    from effc.runtime.kv_cache import public
+
+    renamed = {i.name: public(i.name) for i in model.graph.input if public(i.name) != i.name}
+    if not renamed:
+        return
+    for value in model.graph.input:
+        value.name = renamed.get(value.name, value.name)
+    for node in model.graph.node:
+        node.input[:] = [renamed.get(v, v) for v in node.input]
 
 
 def _make_overridable(model: onnx.ModelProto, names: frozenset[str]) -> None:
