@@ -28,9 +28,7 @@ PAST_LENGTH = 3  # the past of the capture example: 2 or more, so torch.export k
 
 def is_causal_lm(model: torch.nn.Module) -> bool:
     """A model transformers' AutoModelForCausalLM would load (GPT2LMHeadModel is one)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return _causal_name(type(model).__name__)
 
 
 def _ids(value) -> list[int]:
@@ -194,29 +192,21 @@ def copy_tokenizer(src, out_dir: Path) -> str | None:
 
 
 def check_task(task: str | None, model: torch.nn.Module) -> str | None:
-    """The task to compile for: --task as given, else text-generation-with-past for a causal LM."""
-    if task == TASK and not is_causal_lm(model):
+    """The task to compile for: --task as given, else text-generation-with-past for a causal LM. With --task
+    the model was loaded with AutoModelForCausalLM, so the check is on what config.json says it is (a BERT
+    loads as BertLMHeadModel, but is no decoder)."""
+    config = getattr(model, "config", None)
+    archs = getattr(config, "architectures", None) or [type(model).__name__]
+    causal = is_causal_lm(model) and any(_causal_name(a) for a in archs)
+    if task == TASK and not causal:
         raise EffcError(f"--task {TASK} needs a causal LM (what AutoModelForCausalLM loads); this model is "
-                        f"{type(model).__name__}: drop --task, or give --task feature-extraction")
-    if task is None and is_causal_lm(model):
+                        f"{', '.join(archs)}: drop --task, or give --task feature-extraction")
+    if task is None and causal:
         return TASK
     return task
 
 
-def filled(stream, example: dict[str, torch.Tensor]):
-    """Data batches (input_ids, attention_mask) completed into prefill feeds of the program `example` is
-    an input set of; other programs' batches pass through."""
-    past = [n for n in example if n.startswith(PAST)]
-    if not past:
-        yield from stream
-        return
-    _, kv_heads, _, head_dim = example[past[0]].shape
-    for feeds in stream:
-        yield complete_feeds(feeds, kv_heads, head_dim, list(example))
+def _causal_name(cls_name: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-
-def data_names(example: dict) -> list[str]:
-    """The inputs data provides (tokenized text, .npz): not the cache or the positions of a decoder."""
-    if not any(n.startswith(PAST) for n in example):
-        return list(example)
-    return [n for n in example if not n.startswith(PAST) and n != "position_ids"]
+    return cls_name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())

@@ -21,15 +21,22 @@ CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, num_key_value_heads=2),
     "mixtral": lambda: transformers.MixtralConfig(**COMMON, num_key_value_heads=2, num_local_experts=4,
                                                   num_experts_per_tok=2),
+    "phi3": lambda: transformers.Phi3Config(**COMMON, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                            eos_token_id=2),
+    # Local (sliding-window 16) and global layers alternating, as in the released Gemma-3 checkpoints.
+    "gemma3": lambda: transformers.Gemma3TextConfig(**COMMON, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                                                    layer_types=["sliding_attention", "full_attention"]),
     "bert": lambda: transformers.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                             intermediate_size=128, max_position_embeddings=256),
 }
 MODEL_CLASSES = {
     "gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
     "mistral": transformers.MistralForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-    "mixtral": transformers.MixtralForCausalLM, "bert": transformers.BertModel,
+    "mixtral": transformers.MixtralForCausalLM, "phi3": transformers.Phi3ForCausalLM,
+    "gemma3": transformers.Gemma3ForCausalLM, "bert": transformers.BertModel,
 }
-ARCHITECTURES = tuple(CONFIGS)
+ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "bert")  # the six every target is tested on
+DECODERS = ("llama", "mistral", "qwen2", "gpt2", "mixtral", "phi3", "gemma3")  # with their KV cache (issue 13)
 
 
 def build(arch: str, seed: int = 0) -> torch.nn.Module:

@@ -1,0 +1,94 @@
+"""Decoder artifacts with their KV cache (effc.decoder): every cached decode step's logits against a full
+no-cache forward of eager transformers over the same tokens, past the sliding window where the model has
+one; feeds without the cache; the task rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import effc
+from effc.errors import EffcError
+from effc.runtime import open as open_artifact
+from examples.models import DECODERS, build
+
+ATOL = 1e-4
+# Long enough to pass the sliding windows of the examples' Mistral (64) and Gemma-3 (16).
+PROMPT, STEPS = 40, 30
+
+
+def _decode_logits(session, ids: np.ndarray, steps: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Greedy decode through the cache with Session.run only: each step's last-position logits, and all tokens."""
+    out = session.run({"input_ids": ids})  # a prefill: the empty cache and the positions are filled in
+    layers = sum(1 for o in session.outputs if o.name.endswith(".key"))
+    mask = np.ones_like(ids)
+    tokens, logits = ids, [out["logits"][:, -1]]
+    for _ in range(steps):
+        token = logits[-1].argmax(-1)[:, None].astype(np.int64)
+        tokens = np.concatenate([tokens, token], axis=1)
+        mask = np.ones_like(tokens)
+        feeds = {"input_ids": token, "attention_mask": mask, "position_ids": np.full_like(token, tokens.shape[1] - 1)}
+        for i in range(layers):
+            for kv in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kv}"] = out[f"present.{i}.{kv}"]
+        out = session.run(feeds)
+        logits.append(out["logits"][:, -1])
+    return logits, tokens
+
+
+def _check_steps(model_dir, artifact, arch):
+    model = build(arch)
+    ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (1, PROMPT))
+    with open_artifact(artifact) as session:
+        got, tokens = _decode_logits(session, ids, STEPS)
+    with torch.no_grad():
+        full = model(torch.as_tensor(tokens), use_cache=False).logits.numpy()  # no cache: the reference
+    for step, logits in enumerate(got):
+        err = float(np.abs(logits - full[:, PROMPT - 1 + step]).max())
+        assert err <= ATOL, f"{arch}: decode step {step} (position {PROMPT - 1 + step}) max |Δ| {err:.3g} > {ATOL}"
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_cached_steps_match_full_forward_onnx(arch, tmp_path):
+    model_dir = tmp_path / "hf"
+    build(arch).save_pretrained(model_dir)
+    report = effc.compile(str(model_dir), tmp_path / "art", target="onnx")
+    shapes = report.verification["shapes"]
+    assert sum(s["input_ids"][1] == 1 for s in shapes) >= 2  # prefill plus at least two cached decode steps
+    _check_steps(model_dir, tmp_path / "art", arch)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3"])
+def test_cached_steps_match_full_forward_ort(arch, tmp_path):
+    model_dir = tmp_path / "hf"
+    build(arch).save_pretrained(model_dir)
+    effc.compile(str(model_dir), tmp_path / "art", target="ort")
+    _check_steps(model_dir, tmp_path / "art", arch)
+
+
+def test_manifest_describes_the_cache(hf_dir, tmp_path):
+    effc.compile(str(hf_dir("llama")), tmp_path / "art", target="onnx")
+    with open_artifact(tmp_path / "art") as session:
+        meta = session.manifest["decoder"]
+        assert (meta["layers"], meta["kv_heads"], meta["head_dim"], meta["task"]) == (2, 2, 16, "text-generation-with-past")
+        # effc run-style feeds: input_ids only is a prefill with an empty cache, as stock onnxruntime runs it.
+        ids = np.arange(5, dtype=np.int64)[None]
+        out = session.run({"input_ids": ids})
+    with torch.no_grad():
+        ref = build("llama")(torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(out["logits"] - ref).max() <= ATOL
+    assert out["present.1.value"].shape == (1, 2, 5, 16)
+
+
+def test_text_generation_task_keeps_the_single_pass(hf_dir, tmp_path):
+    effc.compile(str(hf_dir("llama")), tmp_path / "art", target="onnx", task="text-generation")
+    with open_artifact(tmp_path / "art") as session:
+        assert [i.name for i in session.inputs] == ["input_ids", "attention_mask"]
+        assert "decoder" not in session.manifest
+
+
+def test_with_past_task_on_an_encoder_is_refused(hf_dir, tmp_path):
+    with pytest.raises(EffcError, match="needs a causal LM"):
+        effc.compile(str(hf_dir("bert")), tmp_path / "art", target="onnx", task="text-generation-with-past")
+    assert not (tmp_path / "art").exists()
