@@ -36,6 +36,8 @@ def bench_inputs(manifest: dict, batch: int, seq: int, seed: int = 0) -> dict[st
     vocab = manifest["source"].get("vocab_size") or 100
     feeds = {}
     for info in manifest["inputs"]:
+        if manifest.get("decoder") and info["name"] != "input_ids":
+            continue  # a decoder's prefill: effc.runtime fills in the mask, positions and empty cache
         shape = [d if isinstance(d, int) else (batch if d == "batch" else seq) for d in info["shape"]]
         if info["name"] == "input_ids":
             feeds[info["name"]] = rng.integers(0, vocab, shape).astype(info["dtype"])

@@ -330,6 +330,10 @@ def run(source: str, data: str, output: str | Path, method: str = "entropy", sam
         raise EffcError(f"--trt-cache {trt_cache}: folder {Path(trt_cache).resolve().parent} does not exist; create it "
                         "or give a path in an existing folder")
     src = sources.load(source, adapters, trust_remote_code=trust_remote_code)
+    if trt_cache is not None:  # the ranges of the graph --target trt builds (a decoder without its cache)
+        from effc.targets.base import get_target
+
+        decoder.without_cache(src, get_target("trt"), None)
     example = source_example(src)
     total = check_data(src, example, data)
     captured = capture_source(src, example)

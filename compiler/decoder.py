@@ -206,7 +206,37 @@ def check_task(task: str | None, model: torch.nn.Module) -> str | None:
     return task
 
 
+def without_cache(src, target, task: str | None) -> None:
+    """A target that cannot take the cache gets the causal LM as one forward (text-generation); asked for
+    the cache explicitly, it is refused."""
+    why = getattr(target, "no_kv_cache", None)
+    if src.task != TASK or why is None:
+        return
+    if task == TASK:
+        raise EffcError(f"--target {target.name} cannot build {TASK}: {why}; give --task text-generation")
+    src.task = "text-generation"
+
+
 def _causal_name(cls_name: str) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return cls_name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def filled(stream, example: dict[str, torch.Tensor]):
+    """Data batches (input_ids, attention_mask) completed into prefill feeds of the program `example` is
+    an input set of; other programs' batches pass through."""
+    past = [n for n in example if n.startswith(PAST)]
+    if not past:
+        yield from stream
+        return
+    _, kv_heads, _, head_dim = example[past[0]].shape
+    for feeds in stream:
+        yield complete_feeds(feeds, kv_heads, head_dim, list(example))
+
+
+def data_names(example: dict) -> list[str]:
+    """The inputs data provides (tokenized text, .npz): not the cache or the positions of a decoder."""
+    if not any(n.startswith(PAST) for n in example):
+        return list(example)
+    return [n for n in example if not n.startswith(PAST) and n != "position_ids"]

@@ -207,6 +207,7 @@ def load(s: State) -> State:
     job = s.job
     with _timed(s, "load"):
         s.src = sources.load(job.source, job.adapters, trust_remote_code=job.trust_remote_code, task=job.task)
+        decoder.without_cache(s.src, job.target_impl, job.task)
         # Checked before the (slow) capture: a calibration file of another model is refused right away.
         if job.calib:
             s.calibration_doc = calibration.read(Path(job.calib), model_sha256=s.src.fingerprint)

@@ -29,6 +29,8 @@ class Target:
     name: ClassVar[str]
     summary: ClassVar[str]
     column: ClassVar[str]  # which translation of each effc op it takes (effc.ops.registry)
+    # Why a causal LM is built without its KV cache here (one forward), or None: it takes the cache.
+    no_kv_cache: ClassVar[str | None] = None
 
     def available(self) -> str | None:
         """None when this target can build here, else the reason it cannot."""

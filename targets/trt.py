@@ -43,6 +43,7 @@ class TrtTarget(Target):
     name = "trt"
     summary = "TensorRT: parser-ready ONNX (explicit Q/DQ, effc plugins) + engine build configuration"
     column = "trt"
+    no_kv_cache = "the engine configuration has one optimization profile and no KV-cache profile yet"
 
     def __init__(self) -> None:
         self.config = None

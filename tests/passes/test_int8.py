@@ -304,7 +304,8 @@ def test_reported_accuracy_is_the_artifacts(default_model, tmp_path, monkeypatch
     from tests.artifacts import add_run_noise
 
     add_run_noise(monkeypatch, 0.01)
-    report = effc.compile(str(default_model[0]), tmp_path / "q", passes=["int8"], target="ort")
+    report = effc.compile(str(default_model[0]), tmp_path / "q", passes=["int8"], target="ort",
+                          task="text-generation")  # verified on the example inputs recomputed below
     acc = report.accuracy_vs_eager
     assert acc["measured_on"] == "artifact"
     model = transformers.AutoModelForCausalLM.from_pretrained(default_model[0]).eval()
@@ -319,6 +320,7 @@ def test_reported_accuracy_is_the_artifacts(default_model, tmp_path, monkeypatch
     assert acc["outputs"][0]["cosine"] == pytest.approx((r * g).sum() / np.linalg.norm(r) / np.linalg.norm(g), abs=1e-6)
     graph = report.graph_accuracy_vs_eager
     assert graph["measured_on"] == "graph" and graph["outputs"][0]["sqnr_db"] > acc["outputs"][0]["sqnr_db"] + 0.2
-    unverified = effc.compile(str(default_model[0]), tmp_path / "n", passes=["int8"], target="ort", verify=False)
+    unverified = effc.compile(str(default_model[0]), tmp_path / "n", passes=["int8"], target="ort", verify=False,
+                              task="text-generation")
     assert unverified.accuracy_vs_eager is None and "--no-verify" in unverified.accuracy_not_measured
     assert unverified.graph_accuracy_vs_eager == graph
