@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default (a small Llama + a LoRA adapter, examples/default):
 # install, compile for ONNX Runtime with the adapter merged into the base weights, golden-check it against
-# eager PyTorch (base + adapter, unmerged, as peft runs it), benchmark against eager.
+# eager PyTorch (base + adapter, unmerged, as peft runs it), benchmark against eager, and generate text
+# through its KV cache (a causal LM compiles with it by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash examples/install.sh
@@ -14,3 +15,4 @@ effc golden record examples/default/model --adapter examples/default/adapter --i
     -o out/default-golden.npz
 effc golden check out/default-ort out/default-golden.npz
 effc bench out/default-ort --vs-eager --batch 1 --seq 128
+effc generate out/default-ort --prompt "To be, or not to be" --max-new-tokens 16
