@@ -53,6 +53,22 @@ def _register() -> None:
                              _ATTR("scale", OpSchema.AttrType.FLOAT, "", required=False),
                              _ATTR("mask_filter_value", OpSchema.AttrType.FLOAT, "", required=False),
                              _ATTR("unidirectional", _INT, "", required=False)]),
+        OpSchema("GroupQueryAttention", DOMAIN, 1,  # inputs up to attention_bias; head_sink unused
+                 inputs=[_FP("query", "T"), _FP("key", "T", param_option=_OPTIONAL),
+                         _FP("value", "T", param_option=_OPTIONAL), _FP("past_key", "T", param_option=_OPTIONAL),
+                         _FP("past_value", "T", param_option=_OPTIONAL), _FP("seqlens_k", "M"),
+                         _FP("total_sequence_length", "M"), _FP("cos_cache", "T", param_option=_OPTIONAL),
+                         _FP("sin_cache", "T", param_option=_OPTIONAL),
+                         _FP("position_ids", "P", param_option=_OPTIONAL),
+                         _FP("attention_bias", "T", param_option=_OPTIONAL)],
+                 outputs=[_FP("output", "T"), _FP("present_key", "T"), _FP("present_value", "T")],
+                 type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], ""),
+                                   ("P", ["tensor(int64)"], "")],
+                 attributes=[_ATTR("num_heads", _INT, "", required=True),
+                             _ATTR("kv_num_heads", _INT, "", required=True),
+                             _ATTR("scale", OpSchema.AttrType.FLOAT, "", required=False),
+                             _ATTR("local_window_size", _INT, "", required=False),
+                             _ATTR("do_rotary", _INT, "", required=False)]),
     ]
     for schema in schemas:
         try:

@@ -35,6 +35,9 @@ class OrtTarget(Target):
               overridable: frozenset[str] = frozenset()) -> BuildResult:
         import onnxruntime as ort
 
+        from effc.passes import kv_attention
+
+        program, fused, _ = kv_attention.lower(program)  # a decoder's cached attention -> GroupQueryAttention
         model = onnx_export.export(program, inputs, output_names, dynamic, self.translations(),
                                    overridable=overridable)
         providers = available_providers()
@@ -57,6 +60,6 @@ class OrtTarget(Target):
         onnx_export.reattach_provenance(model, out_dir / "model.onnx")  # ORT's optimizer drops node metadata
         return onnx_export.result(out_dir, files, {
             "opset": onnx_export.OPSET, "optimization_level": OPTIMIZATION_LEVEL, "providers": providers,
-            "disabled_fusions": disabled,
+            "disabled_fusions": disabled, "group_query_attention": fused,
             "onnxruntime": ort.__version__,
         }, model, program)
