@@ -168,6 +168,13 @@ class Session:
             times.append(time.perf_counter() - t)
         return times
 
+    def generate(self, prompts, **options):
+        """Generate on a decoder artifact: effc.runtime.generate.generate's options (max_new_tokens,
+        temperature, top_k, top_p, seed, repetition_penalty, eos_token_id, stop, streamer, adapter)."""
+        from effc.runtime.generate import generate
+
+        return generate(self, prompts, **options)
+
 
 def open(path: str | Path, providers: list[str] | None = None, threads: int | None = None,  # noqa: A001
          adapter: str | None = None, sign_key: str | Path | bytes | None = None) -> Session:
