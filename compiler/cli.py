@@ -112,7 +112,9 @@ _TRUST = click.option("--trust-remote-code", is_flag=True,
 @click.option("--calib-samples", default=512, show_default=True, help="Samples for --calib-data.")
 @_TRUST
 @click.option("--task", help="Load with this head instead of config.json's architectures: feature-extraction, "
-                             "text-generation, fill-mask, sequence-classification, token-classification, question-answering.")
+                             "text-generation-with-past (the default for causal LMs: with the KV cache), "
+                             "text-generation (one forward, no cache), fill-mask, sequence-classification, "
+                             "token-classification, question-answering.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @_sign_key("Sign the artifact with an HMAC-SHA256 keyed with this file's bytes (env EFFC_SIGN_KEY).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -254,6 +256,63 @@ def run(artifact, inputs_npz, save_outputs, threads, adapter, sign_key):
     if save_outputs:
         np.savez(save_outputs, **outputs)
         click.echo(f"wrote {save_outputs}", err=True)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (repeatable: a left-padded batch).")
+@click.option("--prompt-ids", "prompt_ids", multiple=True, help="Prompt as token ids, e.g. 1,2,3 (repeatable).")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy; above 0: sample.")
+@click.option("--top-k", default=0, show_default=True, help="Sample from the K likeliest tokens (0: all).")
+@click.option("--top-p", default=1.0, show_default=True, help="Sample from the smallest set with this probability.")
+@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--repetition-penalty", default=1.0, show_default=True)
+@click.option("--stop", multiple=True, help="Stop a row when its text contains this (repeatable).")
+@click.option("--adapter", help="Switchable adapter to generate with (see `effc inspect`).")
+@click.option("--threads", type=int, help="Intra-op threads (default: ONNX Runtime's choice).")
+@click.option("--stream", is_flag=True, help="Print tokens as they come (one prompt).")
+@click.option("--json", "as_json", is_flag=True, help="Print token ids, text and timings as JSON.")
+@_SIGNED
+def generate(artifact, prompts, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
+             stop, adapter, threads, stream, as_json, sign_key):
+    """Generate text with a decoder ARTIFACT (compiled with its KV cache).
+
+    \b
+    Example:
+      effc generate out/llama --prompt "Once upon a time" --max-new-tokens 64
+    """
+    from effc.runtime import open as open_artifact
+
+    if bool(prompts) == bool(prompt_ids):
+        raise EffcError("give the prompt with --prompt TEXT or --prompt-ids 1,2,3 (one of them, repeatable)")
+    if stream and len(prompts) + len(prompt_ids) > 1:
+        raise EffcError("--stream prints one prompt's tokens; give one --prompt")
+    rows = list(prompts)
+    for text in prompt_ids:
+        try:
+            rows.append([int(t) for t in text.replace(" ", "").split(",") if t])
+        except ValueError:
+            raise EffcError(f"--prompt-ids {text!r}: give comma-separated integers, e.g. 1,2,3") from None
+
+    def show(_row, token, piece):
+        click.echo(piece if text_out else f"{token} ", nl=False)
+
+    with open_artifact(artifact, threads=threads, sign_key=sign_key) as session:
+        text_out = bool((session.manifest.get("decoder") or {}).get("tokenizer"))
+        result = session.generate(rows, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, seed=seed, repetition_penalty=repetition_penalty, stop=stop,
+                                  streamer=show if stream and not as_json else None, adapter=adapter)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    if stream:
+        click.echo()
+    else:
+        for b, tokens in enumerate(result.tokens):
+            click.echo(result.text[b] if result.text is not None else ",".join(map(str, tokens)))
+    speed = f"TTFT {result.ttft_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s ({result.steps} steps)"
+    click.echo(speed, err=True)
 
 
 @main.command()
@@ -407,9 +466,12 @@ def golden_check(artifact, golden_file, atol, rtol, per_output, as_json, sign_ke
 @click.option("--threads", default=2, show_default=True)
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--iters", default=50, show_default=True)
+@click.option("--generate", is_flag=True, help="Time generation (median of up to 5 after one warmup): prefill ms, decode tokens/s, and transformers "
+                                               "generate on the source model when its directory is readable.")
+@click.option("--new-tokens", default=64, show_default=True, help="Tokens per row for --generate.")
 @click.option("--json", "as_json", is_flag=True)
 @_SIGNED
-def bench(artifact, vs_eager, inputs_npz, batch, seq, threads, warmup, iters, as_json, sign_key):
+def bench(artifact, vs_eager, inputs_npz, batch, seq, threads, warmup, iters, generate, new_tokens, as_json, sign_key):
     """Latency p50/p90, throughput and peak memory of ARTIFACT (and eager PyTorch with --vs-eager).
 
     \b
@@ -418,7 +480,13 @@ def bench(artifact, vs_eager, inputs_npz, batch, seq, threads, warmup, iters, as
     """
     from effc import bench as bench_mod
 
-    results = bench_mod.bench(artifact, vs_eager, batch, seq, threads, warmup, iters, inputs_npz, sign_key=sign_key)
+    if generate:
+        if new_tokens < 2:
+            raise EffcError(f"--new-tokens must be 2 or more for decode tokens/s, got {new_tokens}")
+        results = bench_mod.bench_generate(artifact, batch, seq, new_tokens, threads, min(warmup, 1), min(iters, 5),
+                                           sign_key=sign_key)
+    else:
+        results = bench_mod.bench(artifact, vs_eager, batch, seq, threads, warmup, iters, inputs_npz, sign_key=sign_key)
     click.echo(json.dumps(results, indent=2) if as_json else bench_mod.table(results))
 
 
