@@ -332,6 +332,10 @@ def build(s: State) -> State:
     if s.decoder is not None:
         tokenizer = decoder.copy_tokenizer(src, s.tmp)
         s.manifest["decoder"] = {**s.decoder, "task": decoder.TASK, "tokenizer": tokenizer}
+        if built.model_file.endswith(".onnx"):  # onnxruntime_genai.Model(artifact) loads it as it is
+            from effc.targets import genai_config
+
+            genai_config.write(s.tmp, s.manifest["decoder"], getattr(src.config, "model_type", None), built.model_file)
     if weight_sets:
         s.manifest["adapters"] = weight_sets
     requires = _requirements(job.pipeline)
