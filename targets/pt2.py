@@ -17,17 +17,26 @@ from pathlib import Path
 
 import torch
 
+from effc.decoder import TASK
 from effc.errors import EffcError
 from effc.passes.program import edit, rebuild
 from effc.targets.base import BuildResult, Target
 
 LIBRARY = "ops/effc_native.so"
+STATIC = "model_static.pt2"
 
 
 class TorchTarget(Target):
     name = "torch"
     summary = "PyTorch AOTInductor package (.pt2) with effc's C++ kernels (exact fast NF4)"
     column = "torch"
+    # Positions of the static KV cache (targets/static_cache.py) a decoder is also built with, or None. It is
+    # captured from the source model, so only for a compile without passes.
+    static_cache: int | None = None
+    _source = None
+
+    def prepare(self, source, shape_ranges=None) -> None:
+        self._source = source
 
     def available(self) -> str | None:
         # AOTInductor and effc.native both compile C++ at build time (running the artifact needs neither).
@@ -59,11 +68,25 @@ class TorchTarget(Target):
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             torch.export.save(program, str(out_dir / "model.pt2"))
             info.update(format="exported_program", aoti_error=f"{type(e).__name__}: {first[:300]}")
+        if self.static_cache and info["format"] == "aoti" and getattr(self._source, "task", None) == TASK:
+            info["static_cache"] = _build_static(self._source, self.static_cache, out_dir / STATIC)
+            files.append(STATIC)
         ops = Counter(str(getattr(n.target, "name", lambda: n.target)()) for n in program.graph.nodes
                       if n.op == "call_function")
         return BuildResult("model.pt2", files, info, probes={}, inputs=_describe_inputs(inputs, dynamic),
                            outputs=_describe_outputs(program, inputs, dynamic, output_names), ops=dict(ops.most_common()),
                            runner="torch")
+
+
+def _build_static(source, max_cache: int, path: Path) -> dict:
+    """The static-cache program of the source decoder, AOT-compiled beside the dynamic one (which serves runs
+    longer than max_cache)."""
+    from effc import decoder
+    from effc.targets import static_cache
+
+    program = static_cache.export(source.model, decoder.info(source.model, source.config), max_cache)
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return {"file": STATIC, "max_cache": max_cache}
 
 
 def lower(program: torch.export.ExportedProgram,
