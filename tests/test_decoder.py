@@ -92,3 +92,39 @@ def test_with_past_task_on_an_encoder_is_refused(hf_dir, tmp_path):
     with pytest.raises(EffcError, match="needs a causal LM"):
         effc.compile(str(hf_dir("bert")), tmp_path / "art", target="onnx", task="text-generation-with-past")
     assert not (tmp_path / "art").exists()
+
+
+def _reference(model, prompts: list[list[int]], new: int, pad: int) -> list[list[int]]:
+    """transformers generate(do_sample=False) on the left-padded batch, eos off (every row runs `new` tokens)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):], mask[b, width - len(p):] = torch.tensor(p), 1
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, pad_token_id=pad)
+    return out[:, width:].tolist()
+
+
+NEW = 64
+FAST = {("llama", "onnx"), ("mistral", "ort"), ("gemma3", "ort"), ("llama", "torch")}
+MATRIX = [pytest.param(a, t, marks=() if (a, t) in FAST else pytest.mark.slow)
+          for t in ("onnx", "ort", "torch") for a in DECODERS]
+
+
+@pytest.mark.parametrize("arch,target", MATRIX)
+def test_greedy_generation_equals_transformers(arch, target, tmp_path):
+    """64 greedy tokens for one prompt and for a left-padded batch of 3 prompts of different lengths, token
+    for token transformers' generate in fp32."""
+    model_dir = tmp_path / "hf"
+    model = build(arch)
+    model.save_pretrained(model_dir)
+    effc.compile(str(model_dir), tmp_path / "art", target=target)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (9, 4, 14)]
+    with open_artifact(tmp_path / "art") as session:
+        single = session.generate(prompts[0], max_new_tokens=NEW, eos_token_id=[], pad_token_id=0).tokens
+        batch = session.generate(prompts, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0).tokens
+    assert single == _reference(model, prompts[:1], NEW, 0)
+    assert batch == _reference(model, prompts, NEW, 0)
