@@ -16,6 +16,7 @@ import operator
 import torch
 from torch.export import ExportedProgram
 
+import effc.ops  # noqa: F401  (registers effc::cached_attention)
 from effc.passes.rewrite import GraphEdit, Rule, apply_rules
 
 NAME = "kv_attention"
