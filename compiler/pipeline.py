@@ -335,7 +335,9 @@ def build(s: State) -> State:
         if built.model_file.endswith(".onnx"):  # onnxruntime_genai.Model(artifact) loads it as it is
             from effc.targets import genai_config
 
-            genai_config.write(s.tmp, s.manifest["decoder"], getattr(src.config, "model_type", None), built.model_file)
+            # Its generic "decoder" type: every input and output is named in the file, and genai 0.18 refuses
+            # or misruns some families under their own type (mixtral refused, gpt2 "input not found").
+            genai_config.write(s.tmp, s.manifest["decoder"], model_file=built.model_file)
     if weight_sets:
         s.manifest["adapters"] = weight_sets
     requires = _requirements(job.pipeline)
