@@ -128,3 +128,21 @@ def test_greedy_generation_equals_transformers(arch, target, tmp_path):
         batch = session.generate(prompts, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0).tokens
     assert single == _reference(model, prompts[:1], NEW, 0)
     assert batch == _reference(model, prompts, NEW, 0)
+
+
+def test_switchable_adapters_generate_per_request(hf_dir, tmp_path):
+    """One session, two adapters chosen per request: each output equals transformers generate on the model
+    merged with that adapter (peft merge_and_unload)."""
+    from tests.passes.test_merge_lora import make_adapter, reference
+
+    base = hf_dir("llama")
+    adapters = [make_adapter("llama", tmp_path / name, seed=30 + i) for i, name in enumerate(("chat", "code"))]
+    effc.compile(str(base), tmp_path / "switch", adapters=[str(a) for a in adapters], passes=["merge_lora"],
+                 pass_config=["merge_lora.mode=switchable"], target="ort")
+    prompt = np.random.default_rng(2).integers(3, 512, 10).tolist()
+    with open_artifact(tmp_path / "switch") as session:
+        got = {a.name: session.generate(prompt, max_new_tokens=24, eos_token_id=[], adapter=a.name).tokens[0]
+               for a in adapters}
+    for a in adapters:
+        assert got[a.name] == _reference(reference(base, [a]), [prompt], 24, 0)[0], a.name
+    assert got["chat"] != got["code"]
