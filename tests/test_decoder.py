@@ -146,3 +146,15 @@ def test_switchable_adapters_generate_per_request(hf_dir, tmp_path):
     for a in adapters:
         assert got[a.name] == _reference(reference(base, [a]), [prompt], 24, 0)[0], a.name
     assert got["chat"] != got["code"]
+
+
+@pytest.mark.parametrize("passes,config", [(["int8"], []), (["int4"], ["int4.int8_activations=true"])])
+def test_quantized_decoders_generate(passes, config, default_model, tmp_path):
+    """int8 dynamic and int4 with int8 activations in decoder artifacts: verified with the cache, their
+    accuracy against eager reported (top-1 of the logits, measured on the artifact), and generating."""
+    report = effc.compile(str(default_model[0]), tmp_path / "q", passes=passes, pass_config=config, target="ort")
+    assert report.verification["passed"] and sum(s["input_ids"][1] == 1 for s in report.verification["shapes"]) >= 2
+    logits = next(o for o in report.accuracy_vs_eager["outputs"] if o["name"] == "logits")
+    assert logits["top1_agreement"] >= 0.6, logits
+    with open_artifact(tmp_path / "q") as session:
+        assert len(session.generate("To be, or not", max_new_tokens=16, eos_token_id=[]).tokens[0]) == 16
