@@ -36,7 +36,7 @@ def compiled(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def artifact(compiled) -> Path:
     """The artifact as compiled: the pipeline writes genai_config.json for onnx/ort decoders."""
-    assert json.loads((compiled / genai_config.FILE).read_text())["model"]["type"] == "llama"
+    assert json.loads((compiled / genai_config.FILE).read_text())["model"]["decoder"]["filename"] == "model.onnx"
     return compiled
 
 
