@@ -158,3 +158,16 @@ def test_quantized_decoders_generate(passes, config, default_model, tmp_path):
     assert logits["top1_agreement"] >= 0.6, logits
     with open_artifact(tmp_path / "q") as session:
         assert len(session.generate("To be, or not", max_new_tokens=16, eos_token_id=[]).tokens[0]) == 16
+
+
+def test_generate_refuses_artifacts_without_a_cache(hf_dir, tmp_path):
+    """An encoder, and a causal LM compiled as one forward: one line, exit 2."""
+    from click.testing import CliRunner
+
+    from effc.cli import main
+
+    effc.compile(str(hf_dir("bert")), tmp_path / "enc", target="onnx")
+    effc.compile(str(hf_dir("llama")), tmp_path / "single", target="onnx", task="text-generation")
+    for art, what in ((tmp_path / "enc", "an encoder"), (tmp_path / "single", "a decoder without its KV cache")):
+        r = CliRunner().invoke(main, ["generate", str(art), "--prompt-ids", "1,2,3"])
+        assert r.exit_code == 2 and what in r.output and len(r.output.strip().splitlines()) == 1, r.output
