@@ -40,7 +40,8 @@ def _chain(model, meta) -> list[tuple[dict, dict]]:
     return chain
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", *(pytest.param(a, marks=pytest.mark.slow)
+                                                        for a in ("qwen2", "gpt2", "phi3"))])
 def test_gqa_matches_eager(arch, tmp_path):
     model = _model(arch)
     model.save_pretrained(tmp_path / "hf")
