@@ -126,7 +126,8 @@ def test_inspect_provenance_lists_the_rules_of_an_int8_artifact(hf_dir, tmp_path
     assert rows["int8/linear_dynamic"][1] == str(counts["linear layers quantized"])
     assert rows["int8/linear_dynamic"][2] == f"com.microsoft.DynamicQuantizeMatMul x{counts['linear layers quantized']}"
     assert ("int8/embedding" in rows) == (counts.get("embeddings quantized", 0) > 0)
-    assert "(untagged)" in rows and set(rows) <= {"int8/linear_dynamic", "int8/embedding", "(untagged)"}
+    # kv_attention/gqa: the ort target's own fusion of the decoder's cached attention (GroupQueryAttention)
+    assert "(untagged)" in rows and set(rows) <= {"int8/linear_dynamic", "int8/embedding", "kv_attention/gqa", "(untagged)"}
     # Reading the tags needs onnx only: inspect stays as light as effc.runtime (no torch import).
     import subprocess
     import sys
