@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from effc.errors import EffcError
-from effc.runtime.kv_cache import PAST, PRESENT, complete_feeds, positions, public  # noqa: F401 (internal too)
-from effc.runtime.kv_cache import internal  # noqa: F401
+from effc.runtime.kv_cache import PAST, PRESENT, complete_feeds, positions, public
 
 TASK = "text-generation-with-past"
 # The mask's length is past + new: torch.export relates it to the other two dims itself (Dim.AUTO).
