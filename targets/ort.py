@@ -18,6 +18,15 @@ OPTIMIZATION_LEVEL = "ORT_ENABLE_EXTENDED"
 CPU_DISABLED_FUSIONS = ["SkipLayerNormFusion"]
 
 
+def fx_lowerings() -> tuple:
+    """The fx rewrites OrtTarget.build applies before export, in order; each module has NAME and
+    lower(program) -> (program, how many fused, refused candidates by reason). Not user passes: their ops
+    have only an "ort" column, and the program verification compares against stays the captured one."""
+    from effc.passes import kv_attention
+
+    return (kv_attention,)
+
+
 class OrtTarget(Target):
     name = "ort"
     summary = "ONNX Runtime: ORT-optimized graph, contrib ops allowed"
@@ -35,9 +44,9 @@ class OrtTarget(Target):
               overridable: frozenset[str] = frozenset()) -> BuildResult:
         import onnxruntime as ort
 
-        from effc.passes import kv_attention
-
-        program, fused, _ = kv_attention.lower(program)  # a decoder's cached attention -> GroupQueryAttention
+        fused = {}
+        for lowering in fx_lowerings():  # fx rewrites into ops only this target translates
+            program, fused[lowering.NAME], _ = lowering.lower(program)
         model = onnx_export.export(program, inputs, output_names, dynamic, self.translations(),
                                    overridable=overridable)
         providers = available_providers()
@@ -60,6 +69,6 @@ class OrtTarget(Target):
         onnx_export.reattach_provenance(model, out_dir / "model.onnx")  # ORT's optimizer drops node metadata
         return onnx_export.result(out_dir, files, {
             "opset": onnx_export.OPSET, "optimization_level": OPTIMIZATION_LEVEL, "providers": providers,
-            "disabled_fusions": disabled, "group_query_attention": fused,
+            "disabled_fusions": disabled, "fused": fused,
             "onnxruntime": ort.__version__,
         }, model, program)
