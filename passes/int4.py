@@ -34,6 +34,9 @@ class Int4Config(PassConfig):
     method: Literal["rtn", "gptq", "awq"] = "rtn"
     block: int = 32  # weights per scale along K: 32, 64 or 128 (MatMulNBits takes powers of two >= 16)
     symmetric: bool = True  # False: a 4-bit zero point per block as well
+    # symmetric: each block's scale searched for the least squared weight error (effc.formats.nbits);
+    # false: absmax / 7
+    scale_search: bool = True
     act_order: bool = False  # gptq: visit columns by decreasing Hessian diagonal
     damp: float = 0.01  # gptq: fraction of the mean Hessian diagonal added to it
     # Quantize activations to int8 per block at run time too (ONNX Runtime's MatMulNBits accuracy_level 4):
@@ -78,9 +81,10 @@ class Int4(Pass[Int4Config]):
             nonlocal bits, params
             name, w = chosen[node]
             if c.method == "gptq":
-                codes, scales, zeros = gptq(w, stats.hessians[name], c.block, c.symmetric, c.damp, c.act_order)
+                codes, scales, zeros = gptq(w, stats.hessians[name], c.block, c.symmetric, c.damp, c.act_order,
+                                             search=c.scale_search)
             else:
-                codes, scales, zeros = rtn(w, c.block, c.symmetric)
+                codes, scales, zeros = rtn(w, c.block, c.symmetric, c.scale_search)
             packed, zero_points = pack(codes, zeros, c.block, c.symmetric)
             args = [edit.add_parameter(f"{name}.weight_int4", packed),
                     edit.add_parameter(f"{name}.weight_scales", scales.contiguous()),
@@ -115,7 +119,7 @@ class Int4(Pass[Int4Config]):
         for x, linears in groups.items():
             name = chosen[linears[0]][0]
             s = awq_scales(stats.rows[name], stats.absmean[name], [chosen[n][1] for n in linears],
-                           self.config.block, self.config.symmetric)
+                           self.config.block, self.config.symmetric, self.config.scale_search)
             folded += divide_input(edit.gm, edit.signature, edit.state_dict, x, linears, s, f"{name}.awq")
             for n in linears:
                 out[n] = (chosen[n][0], (chosen[n][1].double() * s).float())
@@ -126,7 +130,7 @@ AWQ_GRID = 20
 
 
 def awq_scales(rows: torch.Tensor, absmean: torch.Tensor, weights: list[torch.Tensor], block: int,
-               symmetric: bool) -> torch.Tensor:
+               symmetric: bool, search: bool = True) -> torch.Tensor:
     """AWQ's search: s = mean|X|^a (normalized around 1) for a in 0, 0.05 .. 1, keeping the s whose
     round-to-nearest W*s, used as Q(W*s)/s on X, gives the smallest output MSE on the calibration rows."""
     w = torch.cat(weights).double()
@@ -136,7 +140,7 @@ def awq_scales(rows: torch.Tensor, absmean: torch.Tensor, weights: list[torch.Te
     for i in range(AWQ_GRID + 1):
         s = absmean.double().clamp(min=1e-4).pow(i / AWQ_GRID)
         s = s / (s.max() * s.min()).sqrt()
-        codes, scales, zeros = rtn((w * s).float(), block, symmetric)
+        codes, scales, zeros = rtn((w * s).float(), block, symmetric, search)
         packed, zero_points = pack(codes, zeros, block, symmetric)
         q = dequantize(packed, scales, zero_points, w.shape[1], block).double() / s
         err = float(((x @ q.t() - ref) ** 2).mean())

