@@ -73,8 +73,8 @@ def _check(edit: GraphEdit, node: torch.fx.Node) -> str | None:
     qs, ms = _shape(q), _shape(mask)
     if qs is None or len(qs) != 4 or q.meta["val"].dtype != torch.float32:
         return "query not 4D float32"
-    if ms is None or len(ms) != 4 or ms[1] != 1:
-        return "mask not [B, 1, S, T]"
+    if ms is None or len(ms) != 4 or ms[1] != 1 or str(ms[0]) != str(qs[0]) or str(ms[2]) != str(qs[2]):
+        return "mask not [B, 1, S, T] with the query's B and S"  # the GQA lowering reads B, S, T from it
     kc, vc = _cache_cat(k), _cache_cat(v)
     if kc is None or vc is None:
         return "keys/values are not cat([past, new]) (+ repeat_kv)"
@@ -107,8 +107,9 @@ def _rewrite(edit: GraphEdit, node: torch.fx.Node) -> torch.fx.Node:
 RULE = Rule("gqa", lambda n: n.op == "call_function" and n.target == _SDPA, _rewrite, _check)
 
 
-def lower(program: ExportedProgram) -> tuple[ExportedProgram, int, dict[str, int]]:
-    """(program with each cached attention fused, how many, refused candidates by reason)."""
+def lower(program: ExportedProgram, keep: frozenset[str] = frozenset()) -> tuple[ExportedProgram, int, dict[str, int]]:
+    """(program with each cached attention fused, how many, refused candidates by reason); reads no
+    parameters, so `keep` does not matter."""
     edit = GraphEdit(program, NAME)
     done = apply_rules(edit, [RULE])
     if not done:

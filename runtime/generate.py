@@ -161,7 +161,7 @@ def generate(session, prompts, *, max_new_tokens: int = 64, temperature: float =
     ttft = None
     steps = 0
     for step in range(max_new_tokens):
-        out = session.run(feeds, adapter=adapter)
+        out = session.run(feeds, adapter=adapter, checked=step == 0)  # later feeds are the model's own outputs
         logits = out["logits"][:, -1].astype(np.float32)
         if repetition_penalty != 1.0:
             logits = _penalize(logits, sequence, repetition_penalty, longest - np.array([len(r) for r in rows]))

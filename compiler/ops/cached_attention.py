@@ -47,10 +47,13 @@ def _int32(x):
 
 def cached_attention_gqa(query, past_key, key, past_value, value, mask, scale: float):
     """com.microsoft::GroupQueryAttention on [B, S, N*H] / [B, S, KV*H] with the past in BNSH. Rows whose
-    keys are all masked (left padding's query rows) come out 0 as in PyTorch, where GQA would average V."""
+    keys are all masked (left padding's query rows) come out 0 as in PyTorch, where GQA would average V.
+    Everything but the q/k/v layout is computed from the mask [B, 1, S, T] alone (passes/kv_attention.py
+    checks its shape), the same nodes in every layer, so ONNX Runtime's common-subexpression elimination
+    computes it once per step rather than once per layer."""
     heads, kv_heads, head_size, v_size = query.shape[1], key.shape[1], query.shape[3], value.shape[3]
-    total = op.Add(op.Shape(past_key, start=2, end=3), op.Shape(key, start=2, end=3))  # [1] int64
-    seqlens_k = _int32(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), op.Shape(query, start=0, end=1)))
+    total = op.Shape(mask, start=3, end=4)  # [1] int64: past + new
+    seqlens_k = _int32(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), op.Shape(mask, start=0, end=1)))
     if mask.dtype == ir.DataType.BOOL:
         bias = op.Where(mask, op.Constant(value_float=0.0), op.Constant(value_float=_MASKED))
         row_any = op.ReduceMax(op.Cast(mask, to=onnx.TensorProto.FLOAT), op.Constant(value_ints=[3]), keepdims=1)
@@ -58,14 +61,12 @@ def cached_attention_gqa(query, past_key, key, past_value, value, mask, scale: f
         bias = op.Max(mask, op.Constant(value_float=_MASKED))
         row_any = op.Cast(op.Not(op.IsInf(op.ReduceMax(mask, op.Constant(value_ints=[3]), keepdims=1),
                                           detect_positive=0)), to=onnx.TensorProto.FLOAT)
-    # GQA wants [B|1, 1, S, T]; the captured masks are [B, 1, S, T] already, Expand is a no-op then.
-    bias = op.Expand(bias, op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(query, start=2, end=3), total, axis=0))
     out, present_key, present_value = msft.GroupQueryAttention(
         _bnsh_to_bsh(query, heads, head_size), _bnsh_to_bsh(key, kv_heads, head_size),
         _bnsh_to_bsh(value, kv_heads, v_size), past_key, past_value, seqlens_k,
         _int32(op.Squeeze(total, op.Constant(value_ints=[0]))), None, None, None, bias,
         num_heads=heads, kv_num_heads=kv_heads, scale=float(scale), _num_outputs=3)
-    out = op.Mul(out, op.Squeeze(row_any, op.Constant(value_ints=[1])))  # [B, S, N*Hv] * [B|1, S, 1]
+    out = op.Mul(out, op.Squeeze(row_any, op.Constant(value_ints=[1])))  # [B, S, N*Hv] * [B, S, 1]
     out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, v_size])), perm=[0, 2, 1, 3])
     return out, present_key, present_value
 
