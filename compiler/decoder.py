@@ -49,6 +49,9 @@ def info(model: torch.nn.Module, config) -> dict:
     pad = getattr(generation, "pad_token_id", None)
     pad = getattr(text, "pad_token_id", None) if pad is None else pad
     window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
+    window = int(window) if isinstance(window, int) else None
+    kinds = getattr(text, "layer_types", None)
+    every_layer = window is not None and (not kinds or all(k == "sliding_attention" for k in kinds))
     return {
         "layers": int(getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer")),
         "kv_heads": int(getattr(text, "num_key_value_heads", None) or heads),
@@ -61,7 +64,11 @@ def info(model: torch.nn.Module, config) -> dict:
         "eos_token_id": eos,
         "pad_token_id": None if pad is None else int(_ids(pad)[0]),
         "bos_token_id": (_ids(getattr(text, "bos_token_id", None)) or [None])[0],
-        "sliding_window": int(window) if isinstance(window, int) else None,
+        "sliding_window": window,
+        # The past a decode step reads when every layer attends within the window (a query sees itself and
+        # the window - 1 keys before it): generate keeps only that much. Mixed local/global layers (Gemma-3,
+        # Qwen2's max_window_layers) keep the whole cache: the global layers read all of it.
+        "cache_window": window - 1 if every_layer else None,
     }
 
 

@@ -148,7 +148,7 @@ def generate(session, prompts, *, max_new_tokens: int = 64, temperature: float =
     for b, r in enumerate(rows):
         ids[b, longest - len(r):], mask[b, longest - len(r):] = r, 1
     rng = np.random.default_rng(seed)
-    layers = meta["layers"]
+    layers, window = meta["layers"], meta.get("cache_window")
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
     empty = np.zeros((batch, meta["kv_heads"], 0, meta["head_dim"]), dtype=np.float32)
     feeds.update({f"{PAST}.{i}.{kv}": empty for i in range(layers) for kv in ("key", "value")})
@@ -187,9 +187,13 @@ def generate(session, prompts, *, max_new_tokens: int = 64, temperature: float =
         sequence = np.concatenate([sequence, token[:, None]], axis=1)
         if done.all() or step == max_new_tokens - 1:
             break
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        # A windowed model's cache keeps its last `window` positions: keys and mask lose the same oldest
+        # columns, the masks the graph builds see the same relative offsets, the positions are the real ones.
+        drop = mask.shape[1] - window if window and mask.shape[1] > window else 0
+        mask = np.concatenate([mask[:, drop:], np.ones((batch, 1), dtype=np.int64)], axis=1)
         feeds = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": feeds["position_ids"][:, -1:] + 1}
-        feeds.update({f"{PAST}.{i}.{kv}": out[f"{PRESENT}.{i}.{kv}"] for i in range(layers) for kv in ("key", "value")})
+        feeds.update({f"{PAST}.{i}.{kv}": np.ascontiguousarray(out[f"{PRESENT}.{i}.{kv}"][:, :, drop:]) if drop
+                      else out[f"{PRESENT}.{i}.{kv}"] for i in range(layers) for kv in ("key", "value")})
     total = time.perf_counter() - t0
     if tok is not None and stop:
         texts = [_cut(t, stop) for t in texts]

@@ -124,11 +124,17 @@ def test_greedy_generation_equals_transformers(arch, target, tmp_path):
     effc.compile(str(model_dir), tmp_path / "art", target=target)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (9, 4, 14)]
+    pasts = []  # the cache length each step is fed
     with open_artifact(tmp_path / "art") as session:
+        run = session.run
+        session.run = lambda feeds, **kw: (pasts.append(feeds["past_key_values.0.key"].shape[2]), run(feeds, **kw))[1]
         single = session.generate(prompts[0], max_new_tokens=NEW, eos_token_id=[], pad_token_id=0).tokens
         batch = session.generate(prompts, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0).tokens
+        window = session.manifest["decoder"]["cache_window"]
     assert single == _reference(model, prompts[:1], NEW, 0)
     assert batch == _reference(model, prompts, NEW, 0)
+    # A model windowed in every layer (Mistral) keeps only the window; others the whole sequence.
+    assert max(pasts) == (window if window else max(map(len, prompts)) + NEW - 2)  # the last token is not fed
 
 
 def test_switchable_adapters_generate_per_request(hf_dir, tmp_path):
