@@ -22,9 +22,9 @@ def fx_lowerings() -> tuple:
     """The fx rewrites OrtTarget.build applies before export, in order; each module has NAME and
     lower(program) -> (program, how many fused, refused candidates by reason). Not user passes: their ops
     have only an "ort" column, and the program verification compares against stays the captured one."""
-    from effc.passes import kv_attention, rms_norm
+    from effc.passes import kv_attention, rms_norm, rotary
 
-    return (kv_attention, rms_norm)
+    return (kv_attention, rms_norm, rotary)
 
 
 class OrtTarget(Target):

@@ -15,14 +15,15 @@ from effc.ops.registry import OPS, check_target, ops_of, translations
 ONNX_COLUMNS = ("onnx", "ort")
 
 
-# Made inside a target's build only (passes/kv_attention.py, rms_norm.py for ort), so they have that column
+# Made inside a target's build only (passes/kv_attention.py, rms_norm.py, rotary.py for ort), so they have that column
 # alone.
-TARGET_INTERNAL = {"effc::cached_attention": ("ort",), "effc::rms_norm": ("ort",)}
+TARGET_INTERNAL = {"effc::cached_attention": ("ort",), "effc::rms_norm": ("ort",),
+                   "effc::rotary": ("ort",)}
 
 
 def test_every_effc_op_is_registered_with_fake_and_onnx_translations():
     modules = {"int8_linear_dynamic", "int8_linear_static", "int8_linear_per_token", "int8_linear_weight_only",
-               "int8_embedding", "nf4_linear", "nbits_linear", "cached_attention", "rms_norm"}
+               "int8_embedding", "nf4_linear", "nbits_linear", "cached_attention", "rms_norm", "rotary"}
     assert set(OPS) == {f"effc::{m}" for m in modules}
     for name, op in OPS.items():
         assert op.overload is getattr(torch.ops.effc, name.split("::")[1]).default
