@@ -44,6 +44,10 @@ class Int4Config(PassConfig):
     int8_activations: bool = False
     exclude: tuple[str, ...] = ()
     lm_head: bool = False
+    # An embedding tied to a quantized layer (the LM head) looks its rows up in that layer's 4-bit table
+    # instead of keeping a float copy: one table for both, as onnxruntime-genai does (not with awq, whose
+    # scaled table is not the embedding's; --target trt implies false: no 4-bit gather there)
+    tied_embedding: bool = True
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
@@ -76,6 +80,7 @@ class Int4(Pass[Int4Config]):
             with edit.made_by("awq_scales"):
                 chosen, counts["AWQ scales folded into norms"] = self._awq(edit, chosen, stats)
         bits = params = 0.0
+        tables: dict[torch.fx.Node, tuple] = {}  # weight placeholder -> (packed, scales, zero points, K)
 
         def quantize(edit: GraphEdit, node: torch.fx.Node) -> torch.fx.Node:
             nonlocal bits, params
@@ -91,10 +96,16 @@ class Int4(Pass[Int4Config]):
                     None if zero_points is None else edit.add_parameter(f"{name}.weight_zero_points", zero_points)]
             bits += storage_bits(*w.shape, c.block, c.symmetric) * w.numel()
             params += w.numel()
+            tables[node.args[1]] = (*args, w.shape[1])
             return edit.call(torch.ops.effc.nbits_linear.default,
                              (node.args[0], *args, bias(node), w.shape[1], c.block, 4, c.int8_activations))
 
         counts["linear layers quantized"] = apply_rules(edit, [Rule(f"linear_{c.method}", is_linear, quantize)], chosen)
+        if c.tied_embedding and c.method != "awq":
+            counts["embeddings sharing a quantized table"] = apply_rules(edit, [Rule(
+                "tied_embedding", lambda n: n.target is aten.embedding.default and n.args[0] in tables,
+                lambda edit, n: edit.call(torch.ops.effc.nbits_embedding.default,
+                                          (n.args[1], *tables[n.args[0]], c.block), n))])
         if params:
             counts["int4 bits per quantized weight (codes + scales)"] = round(bits / params, 4)
         notes = scan.notes(c.exclude)

@@ -71,7 +71,9 @@ TARGETS: dict[str, str] = {
 # Target attribute, so that preflight reads it without importing the target (and torch).
 PASS_DEFAULTS: dict[str, dict[str, dict[str, str]]] = {
     # TensorRT takes int8 as explicit Q/DQ with calibrated per-tensor activation scales (static W8A8).
-    "trt": {"int8": {"mode": "static"}},
+    # A 4-bit gather (a tied embedding sharing the LM head's table) has no TensorRT form: no uint8 Gather,
+    # no bitwise ops.
+    "trt": {"int8": {"mode": "static"}, "int4": {"tied_embedding": "false"}},
 }
 
 

@@ -20,11 +20,13 @@ CPU_DISABLED_FUSIONS = ["SkipLayerNormFusion"]
 
 def fx_lowerings() -> tuple:
     """The fx rewrites OrtTarget.build applies before export, in order; each module has NAME and
-    lower(program) -> (program, how many fused, refused candidates by reason). Not user passes: their ops
-    have only an "ort" column, and the program verification compares against stays the captured one."""
-    from effc.passes import kv_attention, rms_norm, rotary
+    lower(program, keep) -> (program, how many fused, refused candidates by reason), `keep` naming the
+    parameters the runtime overrides (they stay as they are). Not user passes: their ops have only an "ort"
+    column or their rewrites only pay on ONNX Runtime, and the program verification compares against stays
+    the one the passes made. sibling_linears last: the others match the per-projection graph."""
+    from effc.passes import kv_attention, rms_norm, rotary, siblings
 
-    return (kv_attention, rms_norm, rotary)
+    return (kv_attention, rms_norm, rotary, siblings)
 
 
 class OrtTarget(Target):
@@ -46,7 +48,7 @@ class OrtTarget(Target):
 
         fused = {}
         for lowering in fx_lowerings():  # fx rewrites into ops only this target translates
-            program, fused[lowering.NAME], _ = lowering.lower(program)
+            program, fused[lowering.NAME], _ = lowering.lower(program, overridable)
         model = onnx_export.export(program, inputs, output_names, dynamic, self.translations(),
                                    overridable=overridable)
         providers = available_providers()

@@ -23,7 +23,7 @@ TARGET_INTERNAL = {"effc::cached_attention": ("ort",), "effc::rms_norm": ("ort",
 
 def test_every_effc_op_is_registered_with_fake_and_onnx_translations():
     modules = {"int8_linear_dynamic", "int8_linear_static", "int8_linear_per_token", "int8_linear_weight_only",
-               "int8_embedding", "nf4_linear", "nbits_linear", "cached_attention", "rms_norm", "rotary"}
+               "int8_embedding", "nf4_linear", "nbits_linear", "nbits_embedding", "cached_attention", "rms_norm", "rotary"}
     assert set(OPS) == {f"effc::{m}" for m in modules}
     for name, op in OPS.items():
         assert op.overload is getattr(torch.ops.effc, name.split("::")[1]).default

@@ -134,7 +134,7 @@ def test_merge_then_int4_matches_the_graph(target, config, default_model, tmp_pa
         assert report.verification["max_abs"] < 1e-4 and "quantized_rounding" not in report.verification
     assert report.passes[-1].counts["linear layers quantized"] == 28
     if target == "ort":
-        assert report.ops["com.microsoft.MatMulNBits"] == 28
+        assert report.ops["com.microsoft.MatMulNBits"] == 16  # 4 layers: q/k/v and gate/up fused (passes/siblings.py)
     else:  # standard opset-21 block-quantized DequantizeLinear, one per layer
         assert not any(k.startswith("com.microsoft") for k in report.ops)
         assert report.ops["DequantizeLinear"] >= 28
@@ -198,3 +198,52 @@ def test_bad_int4_configs():
         resolve(["int4"], ["int4.block=48"])
     with pytest.raises(EffcError, match="act_order is for int4.method=gptq"):
         resolve(["int4"], ["int4.act_order=true"])
+
+
+def _tied_llama():
+    import transformers
+
+    from examples.models import CONFIGS
+
+    torch.manual_seed(0)
+    config = CONFIGS["llama"]()
+    config.tie_word_embeddings, config.architectures = True, ["LlamaForCausalLM"]
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_nbits_embedding_reference_is_the_dequantized_rows():
+    import effc.ops  # noqa: F401  (registers torch.ops.effc.*)
+
+    torch.manual_seed(4)
+    w = torch.randn(50, 72)  # K padded to 96 (3 blocks of 32)
+    for symmetric in (True, False):
+        codes, scales, zeros = rtn(w, 32, symmetric)
+        packed, zp = pack(codes, zeros, 32, symmetric)
+        ids = torch.tensor([[3, 49, 0], [7, 7, 21]])
+        got = torch.ops.effc.nbits_embedding(ids, packed, scales, zp, 72, 32)
+        want = torch.from_numpy(numpy_block_int4(w.numpy(), 32, symmetric)).float()[ids]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+def test_tied_embedding_reads_the_lm_heads_table(target, tmp_path):
+    """A tied embedding with int4.lm_head=true keeps no float table: ort gathers from the LM head's
+    MatMulNBits initializers (GatherBlockQuantized), onnx unpacks the gathered rows with standard ops;
+    both verified against the post-pass graph, and smaller than with int4.tied_embedding=false."""
+    model = _tied_llama()
+    model.save_pretrained(tmp_path / "hf")
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    sizes = {}
+    for shared in ("true", "false"):
+        out = tmp_path / shared
+        report = effc.compile(str(tmp_path / "hf"), out, target=target, passes=["int4"],
+                              pass_config=["int4.lm_head=true", f"int4.tied_embedding={shared}"])
+        assert report.verification["passed"]
+        graph = onnx.load(str(out / "model.onnx")).graph
+        floats = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                  and sorted(t.dims) == sorted([vocab, hidden])]
+        assert (len(floats) == 0) == (shared == "true"), [t.name for t in floats]
+        if target == "ort":
+            assert any(n.op_type == "GatherBlockQuantized" for n in graph.node) == (shared == "true")
+        sizes[shared] = sum(f.stat().st_size for f in out.iterdir())
+    assert sizes["true"] < sizes["false"] - vocab * hidden * 4 * 0.75  # most of the float table

@@ -126,8 +126,9 @@ def test_inspect_provenance_lists_the_rules_of_an_int8_artifact(hf_dir, tmp_path
     assert rows["int8/linear_dynamic"][1] == str(counts["linear layers quantized"])
     assert rows["int8/linear_dynamic"][2] == f"com.microsoft.DynamicQuantizeMatMul x{counts['linear layers quantized']}"
     assert ("int8/embedding" in rows) == (counts.get("embeddings quantized", 0) > 0)
-    # kv_attention/gqa: the ort target's own fusion of the decoder's cached attention (GroupQueryAttention)
-    assert "(untagged)" in rows and set(rows) <= {"int8/linear_dynamic", "int8/embedding", "kv_attention/gqa", "(untagged)"}
+    # The ort target's own fusions (targets/ort.py fx_lowerings): cached attention, RMSNorm, rotary
+    own = {"kv_attention/gqa", "rms_norm/simplified_layer_norm", "rotary/rope", "sibling_linears/concat"}
+    assert "(untagged)" in rows and set(rows) <= {"int8/linear_dynamic", "int8/embedding", "(untagged)", *own}
     # Reading the tags needs onnx only: inspect stays as light as effc.runtime (no torch import).
     import subprocess
     import sys
