@@ -4,7 +4,7 @@ against transformers generate and onnxruntime-genai's own builder (fp32, int4), 
 Models: a random-weight Llama of SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads / 3 KV heads,
 intermediate 1536, vocab 49152, tied embeddings) and the real SmolLM2-135M-Instruct (examples/smollm2.py).
 Prompt 64 random token ids (seed 0), 128 new tokens, eos ignored so every candidate decodes 128. Each
-measurement runs in its own subprocess (peak RSS is its own: ru_maxrss, load included); candidates
+measurement runs in its own subprocess (peak RSS is its own: VmHWM, load included); candidates
 alternate round-robin over the repetitions, so machine load drifts across all of them alike; the median
 repetition is reported. Quantized candidates report teacher-forced top-1 agreement: one forward over the
 fp32 transformers sequence (prompt + its 128 tokens), argmax at each generated position against fp32's token.
@@ -180,7 +180,16 @@ def worker(model: str, candidate: str, forced_file: str | None) -> dict:
     else:
         tokens, ttft, tps, agree = run_genai(path, ids, forced)
     return {"tokens": tokens, "ttft_s": ttft, "tokens_per_s": tps, "agreement": agree,
-            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "weight_bytes": weight_bytes(path)}
+            "rss_mib": peak_rss_mib(), "weight_bytes": weight_bytes(path)}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over fork and exec, so every worker
+    would report the driver's own peak (its compiles)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---- the driver ----

@@ -37,11 +37,19 @@ def _to_features(rows, in_features: int, padded: int):
 
 def nbits_embedding_ort(indices, packed, scales, zero_points, in_features: int, block: int):
     """com.microsoft::GatherBlockQuantized over the uint8 table as MatMulNBits stores it (its convention for
-    uint8 data, zero point 8 by default); only the looked-up rows are dequantized."""
+    uint8 data, zero point 8 by default); only the looked-up rows are dequantized. Symmetric: the packed
+    [N, K/B, B/2] as it is, one block per row of its last axis, so the saved model keeps one table (ORT folds a
+    Reshape of an initializer into a copy; only the scales' [N, K/B, 1] view is one, 1/8 of the table).
+    With zero points (packed two blocks per byte along K/B) the table is gathered as [N, K/2], a copy."""
     n, groups = scales.shape
-    data = op.Reshape(packed, op.Constant(value_ints=[n, groups * block // 2]))
-    rows = msft.GatherBlockQuantized(data, indices, scales, zero_points, bits=4, block_size=block, gather_axis=0,
-                                     quantize_axis=1)
+    if zero_points is None:
+        rows = msft.GatherBlockQuantized(packed, indices, op.Reshape(scales, op.Constant(value_ints=[n, groups, 1])),
+                                         bits=4, block_size=block, gather_axis=0, quantize_axis=2)  # [..., G, B]
+        rows = op.Reshape(rows, op.Concat(op.Shape(indices), op.Constant(value_ints=[groups * block]), axis=0))
+    else:
+        data = op.Reshape(packed, op.Constant(value_ints=[n, groups * block // 2]))
+        rows = msft.GatherBlockQuantized(data, indices, scales, zero_points, bits=4, block_size=block,
+                                         gather_axis=0, quantize_axis=1)
     return _to_features(rows, in_features, groups * block)
 
 

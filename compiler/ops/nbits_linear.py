@@ -45,9 +45,10 @@ def nbits_linear_ort(x, packed, scales, zero_points, bias, in_features: int, blo
     """MatMulNBits with the layout as stored: float activations (accuracy_level 0), or int8 activations per
     block (accuracy_level 4), as the reference op says."""
     n, groups = scales.shape
-    flat = op.Constant(value_ints=[-1])
-    zp = None if zero_points is None else op.Reshape(zero_points, flat)
-    return msft.MatMulNBits(x, packed, op.Reshape(scales, flat), zp, None, bias, K=in_features, N=n, bits=bits,
+    zp = None if zero_points is None else op.Reshape(zero_points, op.Constant(value_ints=[-1]))
+    # scales [N, K/B] as stored (MatMulNBits takes them unflattened): a Reshape of an initializer would be
+    # folded into a copy in the saved model, and a tied embedding's gather reads the same scales.
+    return msft.MatMulNBits(x, packed, scales, zp, None, bias, K=in_features, N=n, bits=bits,
                             block_size=block, accuracy_level=4 if int8_activations else 0)
 
 
