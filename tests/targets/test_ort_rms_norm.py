@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch
 
 import effc
 from effc import decoder
-from effc.capture import run_torch
 from effc.passes import rms_norm
 from effc.runtime import open as open_artifact
 from examples.models import build
+from tests.targets.decoder_chain import chain, check_steps
 
 ATOL = 1e-4  # fp32 through ORT's kernels; measured ~3e-7 (llama), ~3e-6 (gemma3)
 EXACT = 1e-5  # the reference implementation against the captured chain; measured 0
@@ -40,19 +39,6 @@ def _norms(model) -> int:
     return sum(type(m).__name__.endswith("RMSNorm") for m in model.modules())
 
 
-def _chain(model, meta) -> list[tuple[dict, dict]]:
-    """(feeds, eager outputs) for a left-padded prefill of 3 rows and STEPS greedy decode steps."""
-    module = decoder.WithPast(model, meta["layers"])
-    feeds = decoder.prefill_inputs(meta, 3, PROMPT, seed=0, pad=True)
-    chain = []
-    for _ in range(STEPS + 1):
-        with torch.no_grad():
-            out = run_torch(module, feeds, module.output_names)
-        chain.append((feeds, out))
-        feeds = decoder.next_step(feeds, out, torch.as_tensor(out["logits"][:, -1]).argmax(-1))
-    return chain
-
-
 @pytest.mark.parametrize("arch", ["llama", "gemma3", *(pytest.param(a, marks=pytest.mark.slow)  # ~8 s each
                                                       for a in ("qwen2", "mistral", "phi3"))])
 def test_norms_fused_and_match_eager(arch, tmp_path):
@@ -68,17 +54,7 @@ def test_norms_fused_and_match_eager(arch, tmp_path):
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["target"]["fused"]["rms_norm"] == norms
     with open_artifact(tmp_path / "art") as session:
-        for step, (feeds, want) in enumerate(_chain(model, meta)):
-            got = session.run({decoder.public(n): v.numpy() for n, v in feeds.items()})
-            real = feeds["attention_mask"].numpy().astype(bool)  # presents at padding are not compared
-            for name, ref in want.items():
-                ref = np.asarray(ref)
-                diff = np.abs(got[name] - ref)
-                if name.startswith("present"):
-                    diff = diff[real[:, None, :, None].repeat(diff.shape[1], 1).repeat(diff.shape[3], 3)]
-                else:
-                    diff = diff[real[:, -ref.shape[1]:]]
-                assert float(diff.max()) <= ATOL, f"{arch} step {step} {name}: max |Δ| {float(diff.max()):.3g}"
+        check_steps(session, chain(model, meta, PROMPT, STEPS), arch, ATOL)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -97,7 +73,7 @@ def test_lowered_program_matches_captured(arch):
     targets = [n.target for n in lowered.graph.nodes]
     assert torch.ops.aten.pow.Tensor_Scalar not in targets and torch.ops.aten.rsqrt.default not in targets
     assert targets.count(torch.ops.effc.rms_norm.default) == fused
-    for feeds, _ in _chain(model, meta)[:2]:
+    for feeds, _ in chain(model, meta, PROMPT, STEPS)[:2]:
         with torch.no_grad():
             want, got = program.module()(**feeds), lowered.module()(**feeds)
         for w, g in zip(want, got, strict=True):

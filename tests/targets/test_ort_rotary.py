@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -15,12 +14,12 @@ import transformers
 
 import effc
 from effc import decoder
-from effc.capture import capture, run_torch
+from effc.capture import capture
 from effc.passes import rotary
 from effc.runtime import open as open_artifact
 from examples.models import COMMON, build
+from tests.targets.decoder_chain import chain, check_steps
 
-ATOL = 1e-4  # fp32 through ORT's kernels; measured ~1e-6
 PROMPT, STEPS = 12, 3
 
 
@@ -32,19 +31,6 @@ def _model(arch: str) -> torch.nn.Module:
         config.architectures = ["Phi3ForCausalLM"]
         return transformers.Phi3ForCausalLM(config).eval()
     return build(arch)
-
-
-def _chain(model, meta) -> list[tuple[dict, dict]]:
-    """(feeds, eager outputs) for a left-padded prefill of 3 rows and STEPS greedy decode steps."""
-    module = decoder.WithPast(model, meta["layers"])
-    feeds = decoder.prefill_inputs(meta, 3, PROMPT, seed=0, pad=True)
-    chain = []
-    for _ in range(STEPS + 1):
-        with torch.no_grad():
-            out = run_torch(module, feeds, module.output_names)
-        chain.append((feeds, out))
-        feeds = decoder.next_step(feeds, out, torch.as_tensor(out["logits"][:, -1]).argmax(-1))
-    return chain
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3_partial", "gemma3", *(pytest.param(a, marks=pytest.mark.slow)
@@ -60,17 +46,7 @@ def test_rotary_matches_eager(arch, tmp_path):
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["target"]["fused"]["rotary"] == 2 * meta["layers"]
     with open_artifact(tmp_path / "art") as session:
-        for step, (feeds, want) in enumerate(_chain(model, meta)):
-            got = session.run({decoder.public(n): v.numpy() for n, v in feeds.items()})
-            real = feeds["attention_mask"].numpy().astype(bool)  # presents at padding are not compared
-            for name, ref in want.items():
-                ref = np.asarray(ref)
-                diff = np.abs(got[name] - ref)
-                if name.startswith("present"):
-                    diff = diff[real[:, None, :, None].repeat(diff.shape[1], 1).repeat(diff.shape[3], 3)]
-                else:
-                    diff = diff[real[:, -ref.shape[1]:]]
-                assert float(diff.max()) <= ATOL, f"{arch} step {step} {name}: max |Δ| {float(diff.max()):.3g}"
+        check_steps(session, chain(model, meta, PROMPT, STEPS), arch)
 
 
 def _program(model):
@@ -90,7 +66,7 @@ def test_lowered_program_equals_captured(arch):
     assert not any(n.target == torch.ops.aten.neg.default for n in lowered.graph.nodes)
     made = [n.target for n in lowered.graph.nodes if n.meta.get("effc_provenance") == "rotary/rope"]
     assert made.count(torch.ops.aten.arange.default) == 1  # one row index for the model's one rotary
-    for feeds, _ in _chain(_model(arch), meta)[:3]:
+    for feeds, _ in chain(_model(arch), meta, PROMPT, STEPS)[:3]:
         with torch.no_grad():
             want, got = program.module()(**feeds), lowered.module()(**feeds)
         for w, g in zip(want, got, strict=True):
