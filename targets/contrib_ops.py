@@ -12,6 +12,7 @@ _FP = OpSchema.FormalParameter
 _OPTIONAL = OpSchema.FormalParameterOption.Optional
 _ATTR = OpSchema.Attribute
 _INT = OpSchema.AttrType.INT
+_HALF_AND_FULL = ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"]
 
 
 def _register() -> None:
@@ -46,6 +47,22 @@ def _register() -> None:
                                    ("T2", ["tensor(float)", "tensor(float16)"], ""),
                                    ("Tind", ["tensor(int32)", "tensor(int64)"], "")],
                  attributes=[_ATTR(a, _INT, "") for a in ("bits", "block_size", "gather_axis", "quantize_axis")]),
+        OpSchema("RotaryEmbedding", DOMAIN, 1,
+                 inputs=[_FP("input", "T"), _FP("position_ids", "M"), _FP("cos_cache", "T"), _FP("sin_cache", "T")],
+                 outputs=[_FP("output", "T")],
+                 type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                                   ("M", ["tensor(int64)"], "")],
+                 attributes=[_ATTR(name, onnx.helper.make_attribute(name, default), "")
+                             for name, default in (("interleaved", 0), ("num_heads", 0), ("rotary_embedding_dim", 0),
+                                                   ("is_packed_batching", 0), ("scale", 1.0))]),
+        # ONNX Runtime registers this one in the ONNX domain (version 1), not com.microsoft; onnx has no schema.
+        OpSchema("SimplifiedLayerNormalization", "", 1,
+                 inputs=[_FP("X", "T"), _FP("scale", "V")],
+                 outputs=[_FP("Y", "V"), _FP("inv_std_var", "U", param_option=_OPTIONAL)],
+                 type_constraints=[("T", _HALF_AND_FULL, ""), ("U", ["tensor(float)", "tensor(double)"], ""),
+                                   ("V", _HALF_AND_FULL, "")],
+                 attributes=[_ATTR(name, onnx.helper.make_attribute(name, default), "")
+                             for name, default in (("axis", -1), ("epsilon", 1e-5), ("stash_type", 1))]),
         OpSchema("MatMulBnb4", DOMAIN, 1,
                  inputs=[_FP("A", "T1"), _FP("B", "T2"), _FP("absmax", "T1")], outputs=[_FP("Y", "T1")],
                  type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], "")],

@@ -5,17 +5,16 @@ x's dtype before the weight multiplies it, as transformers' LlamaRMSNorm compute
 The "ort" column lowers it to ONNX Runtime's SimplifiedLayerNormalization (one kernel where the export
 has Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul); passes/rms_norm.py puts it in the graph inside
 the ort target's build. ORT registers that op in the ONNX domain (since version 1), not com.microsoft,
-and onnx has no schema for it, so the schema is registered here for onnxscript to build the node.
+and onnx has no schema for it: targets/contrib_ops.py registers one for onnxscript to build the node.
 """
 
 from __future__ import annotations
 
-import onnx
 import torch
-from onnx.defs import OpSchema
 from onnxscript import opset20 as op
 
 from effc.ops.registry import Op, register
+import effc.targets.contrib_ops  # noqa: F401  (registers SimplifiedLayerNormalization's schema)
 
 
 @torch.library.custom_op("effc::rms_norm", mutates_args=())
@@ -30,26 +29,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @rms_norm.register_fake
 def fake(x, weight, eps):
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
-
-
-def _register_schema() -> None:
-    """SimplifiedLayerNormalization as ONNX Runtime's contrib_defs.cc declares it (domain "", version 1)."""
-    fp, floats = OpSchema.FormalParameter, ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"]
-    try:
-        onnx.defs.get_schema("SimplifiedLayerNormalization", 1, "")
-        return
-    except onnx.defs.SchemaError:
-        pass
-    onnx.defs.register_schema(OpSchema(
-        "SimplifiedLayerNormalization", "", 1,
-        inputs=[fp("X", "T"), fp("scale", "V")],
-        outputs=[fp("Y", "V"), fp("inv_std_var", "U", param_option=OpSchema.FormalParameterOption.Optional)],
-        type_constraints=[("T", floats, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", floats, "")],
-        attributes=[OpSchema.Attribute(name, onnx.helper.make_attribute(name, default), "")
-                    for name, default in (("axis", -1), ("epsilon", 1e-5), ("stash_type", 1))]))
-
-
-_register_schema()
 
 
 def rms_norm_simplified(x, weight, eps: float):

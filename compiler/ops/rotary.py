@@ -10,19 +10,17 @@ Runtime's CPU kernel. passes/rotary.py puts the op in the graph inside the ort t
 with the tables the graph itself computed for this call's tokens (row b * S + s for token (b, s)), so
 every position and rope type stays exact, left padding included. ONNX Runtime's kernel does not check
 position_ids against the tables' rows: the op must only be given indices it has rows for. The op is not
-in onnx's schemas; its schema (from ONNX Runtime's contrib_defs) is registered here for onnxscript.
+in onnx's schemas; targets/contrib_ops.py registers its schema (from ONNX Runtime's contrib_defs) for onnxscript.
 """
 
 from __future__ import annotations
 
-import onnx
 import torch
-from onnx.defs import OpSchema
 from onnxscript import opset20 as op
 
 from effc.ops.registry import Op, register
 from effc.targets.attention import _bnsh_to_bsh
-from effc.targets.contrib_ops import DOMAIN, msft
+from effc.targets.contrib_ops import msft
 
 
 def _rotate(x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor,
@@ -51,27 +49,6 @@ def rotary(x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor,
 @rotary.register_fake
 def fake(x, position_ids, cos_cache, sin_cache, num_heads):
     return torch.empty_like(x)
-
-
-def _register_schema() -> None:
-    """com.microsoft::RotaryEmbedding, version 1, as ONNX Runtime 1.32 declares it."""
-    try:
-        onnx.defs.get_schema("RotaryEmbedding", 1, DOMAIN)
-        return
-    except onnx.defs.SchemaError:
-        pass
-    fp, floats = OpSchema.FormalParameter, ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
-    onnx.defs.register_schema(OpSchema(
-        "RotaryEmbedding", DOMAIN, 1,
-        inputs=[fp("input", "T"), fp("position_ids", "M"), fp("cos_cache", "T"), fp("sin_cache", "T")],
-        outputs=[fp("output", "T")],
-        type_constraints=[("T", floats, ""), ("M", ["tensor(int64)"], "")],
-        attributes=[OpSchema.Attribute(name, onnx.helper.make_attribute(name, default), "")
-                    for name, default in (("interleaved", 0), ("num_heads", 0), ("rotary_embedding_dim", 0),
-                                          ("is_packed_batching", 0), ("scale", 1.0))]))
-
-
-_register_schema()
 
 
 def rotary_embedding(x, position_ids, cos_cache, sin_cache, num_heads: int):
