@@ -6,8 +6,9 @@ Blocks run along K (the input features) for each output row: weight[n, k] = (q[n
 absmax / d for d in SEARCH with the least squared weight error (clipping the block's largest weight
 when that rounds the rest closer: +1 dB SQNR over absmax / 7 on Gaussian blocks, as good as ONNX
 Runtime's quantizer, whose negative scales TensorRT refuses), or absmax / 7 without the search;
-asymmetric: the block's [min, max] (widened to hold 0) over 15 steps, zero point round(-min / scale). K is padded with zeros to
-a whole number of blocks (padded codes equal the zero point, so they dequantize to 0).
+asymmetric: the block's [min, max] (widened to hold 0) over 15 steps, zero point round(-min / scale).
+K is padded with zeros to a whole number of blocks (padded codes equal the zero point, so they
+dequantize to 0).
 
 Storage, as MatMulNBits reads it: codes uint8 [N, K/B, B/2] with element k in the LOW nibble when k
 is even; scales float [N, K/B]; zero points packed two per byte, low nibble first, [N, ceil(K/B / 2)].
@@ -63,7 +64,8 @@ def rtn(weight: torch.Tensor, block: int, symmetric: bool, search: bool = True) 
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, block: int, symmetric: bool, damp: float = 0.01,
-         act_order: bool = False, chunk: int = 128, search: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         act_order: bool = False, chunk: int = 128,
+         search: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al. 2023): quantize the columns of W one at a time and spread each column's
     rounding error over the columns not yet quantized, weighted by the inverse Hessian of the layer's
     reconstruction loss (H = 2 X^T X over calibration inputs), so the layer's OUTPUT error is what is
