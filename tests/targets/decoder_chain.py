@@ -38,3 +38,18 @@ def check_steps(session, steps: list[tuple[dict, dict]], label: str, atol: float
             else:
                 diff = diff[real[:, -ref.shape[1]:]]
             assert float(diff.max()) <= atol, f"{label} step {step} {name}: max |Δ| {float(diff.max()):.3g}"
+
+
+def compile_ort(model, tmp_path) -> tuple[dict, list[str], dict]:
+    """Compile `model` (saved as an HF directory) for ort: (decoder metadata, model.onnx's op types, manifest)."""
+    import json
+
+    import onnx
+
+    import effc
+
+    model.save_pretrained(tmp_path / "hf")
+    effc.compile(str(tmp_path / "hf"), tmp_path / "art", target="ort")
+    graph = onnx.load(str(tmp_path / "art" / "model.onnx"), load_external_data=False).graph
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    return decoder.info(model, model.config), [n.op_type for n in graph.node], manifest

@@ -4,16 +4,14 @@ steps against eager transformers, past Mistral's sliding window."""
 
 from __future__ import annotations
 
-import onnx
 import pytest
 import torch
 
-import effc
 from effc import decoder
 from effc.passes import kv_attention
 from effc.runtime import open as open_artifact
 from examples.models import build
-from tests.targets.decoder_chain import chain, check_steps
+from tests.targets.decoder_chain import chain, check_steps, compile_ort
 
 PROMPT, STEPS = 12, 3  # the prompt alone passes the small window below
 
@@ -29,10 +27,7 @@ def _model(arch: str) -> torch.nn.Module:
                                                         for a in ("qwen2", "gpt2", "phi3"))])
 def test_gqa_matches_eager(arch, tmp_path):
     model = _model(arch)
-    model.save_pretrained(tmp_path / "hf")
-    effc.compile(str(tmp_path / "hf"), tmp_path / "art", target="ort")
-    meta = decoder.info(model, model.config)
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "art" / "model.onnx"), load_external_data=False).graph.node]
+    meta, ops, _ = compile_ort(model, tmp_path)
     assert ops.count("GroupQueryAttention") == meta["layers"]
     with open_artifact(tmp_path / "art") as session:
         check_steps(session, chain(model, meta, PROMPT, STEPS), arch)

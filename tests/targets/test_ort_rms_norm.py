@@ -5,18 +5,14 @@ against the captured one in PyTorch (Gemma's 1 + weight included), and refusals 
 
 from __future__ import annotations
 
-import json
-
-import onnx
 import pytest
 import torch
 
-import effc
 from effc import decoder
 from effc.passes import rms_norm
 from effc.runtime import open as open_artifact
 from examples.models import build
-from tests.targets.decoder_chain import chain, check_steps
+from tests.targets.decoder_chain import chain, check_steps, compile_ort
 
 ATOL = 1e-4  # fp32 through ORT's kernels; measured ~3e-7 (llama), ~3e-6 (gemma3)
 EXACT = 1e-5  # the reference implementation against the captured chain; measured 0
@@ -43,15 +39,12 @@ def _norms(model) -> int:
                                                       for a in ("qwen2", "mistral", "phi3"))])
 def test_norms_fused_and_match_eager(arch, tmp_path):
     model = _model(arch)
-    model.save_pretrained(tmp_path / "hf")
-    effc.compile(str(tmp_path / "hf"), tmp_path / "art", target="ort")
-    meta, norms = decoder.info(model, model.config), _norms(model)
+    meta, ops, manifest = compile_ort(model, tmp_path)
+    norms = _norms(model)
     if arch != "gemma3":  # Gemma-3 adds pre/post feed-forward norms and q/k norms per layer
         assert norms == 2 * meta["layers"] + 1
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "art" / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("SimplifiedLayerNormalization") == norms
     assert "Pow" not in ops and "ReduceMean" not in ops and "Sqrt" not in ops and "Reciprocal" not in ops
-    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["target"]["fused"]["rms_norm"] == norms
     with open_artifact(tmp_path / "art") as session:
         check_steps(session, chain(model, meta, PROMPT, STEPS), arch, ATOL)

@@ -5,20 +5,16 @@ and global rotaries included; the lowered program equal to the captured one in t
 
 from __future__ import annotations
 
-import json
-
-import onnx
 import pytest
 import torch
 import transformers
 
-import effc
 from effc import decoder
 from effc.capture import capture
 from effc.passes import rotary
 from effc.runtime import open as open_artifact
 from examples.models import COMMON, build
-from tests.targets.decoder_chain import chain, check_steps
+from tests.targets.decoder_chain import chain, check_steps, compile_ort
 
 PROMPT, STEPS = 12, 3
 
@@ -37,13 +33,9 @@ def _model(arch: str) -> torch.nn.Module:
                                                                        for a in ("qwen2", "mistral"))])
 def test_rotary_matches_eager(arch, tmp_path):
     model = _model(arch)
-    model.save_pretrained(tmp_path / "hf")
-    effc.compile(str(tmp_path / "hf"), tmp_path / "art", target="ort")
-    meta = decoder.info(model, model.config)
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "art" / "model.onnx"), load_external_data=False).graph.node]
+    meta, ops, manifest = compile_ort(model, tmp_path)
     assert ops.count("RotaryEmbedding") == 2 * meta["layers"]
     assert "Neg" not in ops  # rotate_half's negation went with the chains
-    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["target"]["fused"]["rotary"] == 2 * meta["layers"]
     with open_artifact(tmp_path / "art") as session:
         check_steps(session, chain(model, meta, PROMPT, STEPS), arch)
