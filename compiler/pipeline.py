@@ -333,11 +333,13 @@ def build(s: State) -> State:
         tokenizer = decoder.copy_tokenizer(src, s.tmp)
         s.manifest["decoder"] = {**s.decoder, "task": decoder.TASK, "tokenizer": tokenizer}
         if built.model_file.endswith(".onnx"):  # onnxruntime_genai.Model(artifact) loads it as it is
+            from effc.runtime.kv_cache import shares_buffer
             from effc.targets import genai_config
 
             # Its generic "decoder" type: every input and output is named in the file, and genai 0.18 refuses
             # or misruns some families under their own type (mixtral refused, gpt2 "input not found").
-            genai_config.write(s.tmp, s.manifest["decoder"], model_file=built.model_file)
+            genai_config.write(s.tmp, s.manifest["decoder"], model_file=built.model_file,
+                               shared_buffer=shares_buffer(s.manifest))
     if weight_sets:
         s.manifest["adapters"] = weight_sets
     requires = _requirements(job.pipeline)

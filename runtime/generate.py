@@ -1,5 +1,7 @@
 """Text generation from a decoder artifact (compiler/decoder.py's inputs and outputs): prefill, then one
-cached decode step per token, each step's present.N.* fed back as past_key_values.N.*.
+cached decode step per token, each step's present.N.* fed back as past_key_values.N.*; or, where the
+artifact and its runner allow (Session.shared_cache: ort), one max-length buffer per cache tensor that the
+graph writes in place.
 
 Token selection follows transformers' generate so greedy output is token-for-token the same: the
 repetition penalty over every id in the sequence (left padding included), then for sampling temperature,
@@ -160,8 +162,17 @@ def generate(session, prompts, *, max_new_tokens: int = 64, temperature: float =
     t0 = time.perf_counter()
     ttft = None
     steps = 0
+    weights = session._weights(adapter or session.adapter)
+    # Not with a switchable adapter's weights: ORT's IOBinding cannot bind the overridable initializers they are.
+    cache = None if weights else session.shared_cache(batch, longest + max_new_tokens)
+    if cache is not None:
+        session.validate(feeds)  # the prefill's feeds as any run checks them; the cache is bound, not fed
+        feeds = {k: v for k, v in feeds.items() if not k.startswith(PAST)}
     for step in range(max_new_tokens):
-        out = session.run(feeds, adapter=adapter, checked=step == 0)  # later feeds are the model's own outputs
+        if cache is not None:
+            out = {"logits": cache.run(feeds)}
+        else:
+            out = session.run(feeds, adapter=adapter, checked=step == 0)  # later feeds are the model's own outputs
         logits = out["logits"][:, -1].astype(np.float32)
         if repetition_penalty != 1.0:
             logits = _penalize(logits, sequence, repetition_penalty, longest - np.array([len(r) for r in rows]))
@@ -192,8 +203,9 @@ def generate(session, prompts, *, max_new_tokens: int = 64, temperature: float =
         drop = mask.shape[1] - window if window and mask.shape[1] > window else 0
         mask = np.concatenate([mask[:, drop:], np.ones((batch, 1), dtype=np.int64)], axis=1)
         feeds = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": feeds["position_ids"][:, -1:] + 1}
-        feeds.update({f"{PAST}.{i}.{kv}": np.ascontiguousarray(out[f"{PRESENT}.{i}.{kv}"][:, :, drop:]) if drop
-                      else out[f"{PRESENT}.{i}.{kv}"] for i in range(layers) for kv in ("key", "value")})
+        if cache is None:
+            feeds.update({f"{PAST}.{i}.{kv}": np.ascontiguousarray(out[f"{PRESENT}.{i}.{kv}"][:, :, drop:]) if drop
+                          else out[f"{PRESENT}.{i}.{kv}"] for i in range(layers) for kv in ("key", "value")})
     total = time.perf_counter() - t0
     if tok is not None and stop:
         texts = [_cut(t, stop) for t in texts]

@@ -42,6 +42,12 @@ def positions(mask):
     return np.where(mask == 0, 1, pos).astype(np.int64)
 
 
+def shares_buffer(manifest: dict) -> bool:
+    """Whether a decoder artifact's cache can be one max-length buffer per tensor, written in place
+    (targets/kv_buffer.py): an ort graph built for it, and no window whose oldest columns are dropped."""
+    return bool(manifest["target"].get("shared_kv_buffer")) and not manifest["decoder"].get("cache_window")
+
+
 def complete_feeds(feeds: dict, kv_heads: int, head_dim: int, input_names: list[str]) -> dict:
     """Feeds of a decoder (numpy or torch, as input_ids) with what a plain prefill leaves out (effc run,
     golden, bench, debug and calibration data give input_ids and maybe attention_mask): an all-ones mask,

@@ -50,6 +50,34 @@ class OrtRunner:
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._session.run(names, feeds)
 
+    def shared_cache(self, pairs: dict[str, str], shape: tuple[int, ...], output: str) -> SharedCache:
+        return SharedCache(self._session, pairs, shape, output)
+
+
+class SharedCache:
+    """A decoder's KV cache as one zeroed buffer per past/present pair, bound as both (ORT IOBinding), so
+    GroupQueryAttention writes each step's keys and values in place and no step copies the cache or
+    returns it to Python (targets/kv_buffer.py builds graphs that take it). `run` returns `output` only."""
+
+    def __init__(self, session: ort.InferenceSession, pairs: dict[str, str], shape: tuple[int, ...], output: str):
+        self._session, self._io = session, session.io_binding()
+        self._output = output
+        self._io.bind_output(output)  # first bound, so get_outputs()[0]
+        self._values = []  # the OrtValues borrow these arrays' memory: both stay alive with the binding
+        for past, present in pairs.items():
+            buffer = np.zeros(shape, dtype=np.float32)
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)
+            self._io.bind_ortvalue_input(past, value)
+            self._io.bind_ortvalue_output(present, value)
+            self._values.append((buffer, value))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        for name, arr in feeds.items():
+            self._io.bind_cpu_input(name, np.ascontiguousarray(arr))
+        self._io.bind_output(self._output)  # unallocated again: its shape changes from prefill to decode
+        self._session.run_with_iobinding(self._io)
+        return self._io.get_outputs()[0].numpy()
+
 
 def _with_taps(model: Path, taps) -> bytes:
     """The model with intermediate values (`taps`) as extra outputs, for the layer-wise debugger."""

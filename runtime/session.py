@@ -12,7 +12,7 @@ import numpy as np
 from effc.errors import EffcError
 from effc.runtime import cpu
 from effc.runtime.backends import runner_class
-from effc.runtime.kv_cache import complete_feeds
+from effc.runtime.kv_cache import PAST, PRESENT, complete_feeds, shares_buffer
 from effc.runtime.limits import check_feeds
 from effc.runtime.manifest import artifact_file, read_manifest
 
@@ -155,6 +155,17 @@ class Session:
                                 f"declares {info.dtype}[{', '.join(map(str, info.shape))}]"
                                 + (f" for {named}" if named else "")
                                 + f"; {self.path} does not compute what its manifest says, recompile it")
+
+    def shared_cache(self, batch: int, length: int):
+        """For a decode loop of `batch` rows and at most `length` positions: the runner's in-place cache
+        (run(feeds) -> logits, the cache inputs left out of the feeds), or None where the artifact or its
+        runner has none and each step's presents are fed back as the next past."""
+        make = getattr(self._session, "shared_cache", None)
+        if make is None or not shares_buffer(self.manifest):
+            return None
+        d = self.manifest["decoder"]
+        pairs = {f"{PAST}.{i}.{kv}": f"{PRESENT}.{i}.{kv}" for i in range(d["layers"]) for kv in ("key", "value")}
+        return make(pairs, (batch, d["kv_heads"], length, d["head_dim"]), "logits")
 
     def warmup(self, feeds: dict[str, np.ndarray], runs: int = 3) -> None:
         for _ in range(runs):

@@ -14,9 +14,11 @@ from pathlib import Path
 FILE = "genai_config.json"
 
 
-def config(decoder: dict, model_file: str = "model.onnx", model_type: str | None = None) -> dict:
+def config(decoder: dict, model_file: str = "model.onnx", model_type: str | None = None,
+           shared_buffer: bool = False) -> dict:
     """The genai_config document for manifest["decoder"] (effc.decoder.info) and the model's type
-    (config.json's model_type: genai picks per-family handling by it; "decoder" is its generic one)."""
+    (config.json's model_type: genai picks per-family handling by it; "decoder" is its generic one).
+    shared_buffer: the graph takes a max-length cache buffer it writes in place (targets/kv_buffer.py)."""
     context = decoder.get("max_positions") or 2048
     eos = decoder.get("eos_token_id") or []
     pad = decoder.get("pad_token_id")
@@ -49,16 +51,17 @@ def config(decoder: dict, model_file: str = "model.onnx", model_type: str | None
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
             "num_return_sequences": 1,
-            # effc's graph concatenates past and new (present is past + sequence long), not a
-            # preallocated max-length buffer that GroupQueryAttention writes in place.
-            "past_present_share_buffer": False,
+            # On ort, GroupQueryAttention writes into a preallocated max-length buffer (targets/kv_buffer.py);
+            # otherwise the graph concatenates past and new (present is past + sequence long).
+            "past_present_share_buffer": shared_buffer,
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
         },
     }
 
 
-def write(out_dir: Path, decoder: dict, model_type: str | None = None, model_file: str = "model.onnx") -> str:
+def write(out_dir: Path, decoder: dict, model_type: str | None = None, model_file: str = "model.onnx",
+          shared_buffer: bool = False) -> str:
     """Writes genai_config.json into out_dir; returns its file name (for the artifact's file list)."""
-    doc = config(decoder, model_file, model_type)
+    doc = config(decoder, model_file, model_type, shared_buffer)
     (Path(out_dir) / FILE).write_text(json.dumps(doc, indent=4) + "\n")
     return FILE

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from effc.runtime.onnxruntime_runner import available_providers
-from effc.targets import onnx_export
+from effc.targets import kv_buffer, onnx_export, skip_rms_norm
 from effc.targets.base import BuildResult, Target
 
 # EXTENDED, not ALL: ALL adds layout transforms specific to this machine's CPU (NCHWc), which ORT's
@@ -51,6 +51,9 @@ class OrtTarget(Target):
             program, fused[lowering.NAME], _ = lowering.lower(program, overridable)
         model = onnx_export.export(program, inputs, output_names, dynamic, self.translations(),
                                    overridable=overridable)
+        shared = bool(fused["kv_attention"]) and kv_buffer.past_length_from_mask(model)
+        if fused["kv_attention"]:  # a decoder with its cache: per-token launches are the cost
+            fused[skip_rms_norm.NAME] = skip_rms_norm.fuse(model)
         providers = available_providers()
         disabled = CPU_DISABLED_FUSIONS if providers == ["CPUExecutionProvider"] else []
         with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
@@ -71,6 +74,6 @@ class OrtTarget(Target):
         onnx_export.reattach_provenance(model, out_dir / "model.onnx")  # ORT's optimizer drops node metadata
         return onnx_export.result(out_dir, files, {
             "opset": onnx_export.OPSET, "optimization_level": OPTIMIZATION_LEVEL, "providers": providers,
-            "disabled_fusions": disabled, "fused": fused,
+            "disabled_fusions": disabled, "fused": fused, "shared_kv_buffer": shared,
             "onnxruntime": ort.__version__,
         }, model, program)

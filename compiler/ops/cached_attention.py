@@ -67,6 +67,9 @@ def cached_attention_gqa(query, past_key, key, past_value, value, mask, scale: f
         _int32(op.Squeeze(total, op.Constant(value_ints=[0]))), None, None, None, bias,
         num_heads=heads, kv_num_heads=kv_heads, scale=float(scale), _num_outputs=3)
     out = op.Mul(out, op.Squeeze(row_any, op.Constant(value_ints=[1])))  # [B, S, N*Hv] * [B, S, 1]
+    # ONNX shape inference does not know the contrib op: the shape lets targets/onnx_reshapes.py see that the
+    # Reshape/Transpose pairs between here and the output projection cancel.
+    out.shape = ir.Shape([query.shape[0], query.shape[2], heads * v_size])
     out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, v_size])), perm=[0, 2, 1, 3])
     return out, present_key, present_value
 

@@ -43,7 +43,10 @@ def test_norms_fused_and_match_eager(arch, tmp_path):
     norms = _norms(model)
     if arch != "gemma3":  # Gemma-3 adds pre/post feed-forward norms and q/k norms per layer
         assert norms == 2 * meta["layers"] + 1
-    assert ops.count("SimplifiedLayerNormalization") == norms
+    # The residual Add before a norm joins it (targets/skip_rms_norm.py): both norms of every layer but the first.
+    skip = ops.count("SkipSimplifiedLayerNormalization")
+    assert skip == manifest["target"]["fused"]["skip_rms_norm"] and skip >= 2 * meta["layers"] - 1
+    assert ops.count("SimplifiedLayerNormalization") + skip == norms
     assert "Pow" not in ops and "ReduceMean" not in ops and "Sqrt" not in ops and "Reciprocal" not in ops
     assert manifest["target"]["fused"]["rms_norm"] == norms
     with open_artifact(tmp_path / "art") as session:
