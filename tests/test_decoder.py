@@ -158,11 +158,22 @@ def test_switchable_adapters_generate_per_request(hf_dir, tmp_path):
     assert got["chat"] != got["code"]
 
 
-@pytest.mark.parametrize("passes,config", [(["int8"], []), (["int4"], ["int4.int8_activations=true"])])
+@pytest.mark.parametrize("passes,config", [
+    (["int8"], []), (["int4"], ["int4.int8_activations=true"]),
+    (["int4"], ["int4.method=gptq", "int4.int8_activations=true"]),
+    pytest.param(["int4"], ["int4.method=awq", "int4.int8_activations=true"], marks=pytest.mark.slow)])
 def test_quantized_decoders_generate(passes, config, default_model, tmp_path):
-    """int8 dynamic and int4 with int8 activations in decoder artifacts: verified with the cache, their
-    accuracy against eager reported (top-1 of the logits, measured on the artifact), and generating."""
-    report = effc.compile(str(default_model[0]), tmp_path / "q", passes=passes, pass_config=config, target="ort")
+    """int8 dynamic and int4 (rtn, and gptq/awq calibrated on real text through the decoder's prefill) with
+    int8 activations in decoder artifacts: verified with the cache, their accuracy against eager reported
+    (top-1 of the logits, measured on the artifact), and generating."""
+    calib = {}
+    if any("gptq" in c or "awq" in c for c in config):
+        from examples.text import speeches
+
+        (tmp_path / "calib.txt").write_text("\n".join(speeches("comedies/as-you-like-it", limit=32)))
+        calib = {"calib_data": str(tmp_path / "calib.txt"), "calib_samples": 32}
+    report = effc.compile(str(default_model[0]), tmp_path / "q", passes=passes, pass_config=config, target="ort",
+                          **calib)
     assert report.verification["passed"] and sum(s["input_ids"][1] == 1 for s in report.verification["shapes"]) >= 2
     logits = next(o for o in report.accuracy_vs_eager["outputs"] if o["name"] == "logits")
     assert logits["top1_agreement"] >= 0.6, logits
