@@ -12,7 +12,7 @@ import onnx
 import torch
 
 from effc.errors import EffcError
-from effc.targets import onnx_reshapes
+from effc.targets import onnx_reshapes, tied_weights
 from effc.targets.base import BuildResult, layers
 from effc.targets.onnx_nodes import op_label, provenance, set_provenance
 
@@ -82,6 +82,7 @@ def export(program: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor
         model = onnx.inliner.inline_local_functions(model)
     _rename_dims(model, dynamic)
     onnx_reshapes.drop_noop_layouts(model)
+    tied_weights.share_transposed(model)
     _public_inputs(model)
     _strip_debug_metadata(model)
     tag_provenance(model, program, onnx_program.exported_program)

@@ -16,7 +16,7 @@ import onnx
 _LAYOUT = ("Reshape", "Transpose")
 
 
-def _shapes(graph: onnx.GraphProto) -> dict[str, tuple | None]:
+def value_shapes(graph: onnx.GraphProto) -> dict[str, tuple | None]:
     """Each value's shape as a tuple of ints and dim names, or None where any dim is unknown."""
     out = {}
     for value in list(graph.input) + list(graph.value_info) + list(graph.output):
@@ -44,7 +44,7 @@ def drop_noop_layouts(model: onnx.ModelProto) -> int:
     """Bypass no-op Reshape chains and inverse Transpose pairs in the main graph, then remove what no longer
     feeds anything; returns how many layout ops were removed. Graph outputs are never renamed."""
     graph = model.graph
-    shapes = _shapes(graph)
+    shapes = value_shapes(graph)
     producer = {o: n for n in graph.node for o in n.output}
     outputs = {o.name for o in graph.output}
     alias: dict[str, str] = {}  # value -> the value it equals

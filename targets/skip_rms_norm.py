@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from effc.targets.onnx_reshapes import _shapes
+from effc.targets.onnx_reshapes import value_shapes
 
 NAME = "skip_rms_norm"  # its count in manifest["target"]["fused"]
 _MSFT = "com.microsoft"
@@ -23,7 +23,7 @@ def fuse(model: onnx.ModelProto) -> int:
     """Fuse each Add of two same-shape 3D tensors feeding a last-axis float32-statistics
     SimplifiedLayerNormalization; returns how many."""
     graph = model.graph
-    shapes = _shapes(graph)
+    shapes = value_shapes(graph)
     producer = {o: n for n in graph.node for o in n.output}
     norms: set[int] = set()  # the norms fused away
     fused: dict[int, onnx.NodeProto] = {}  # id(Add) -> the fused node that takes its place
