@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from effc.errors import EffcError
-from effc.runtime.kv_cache import PAST, PRESENT, positions
+from effc.runtime.kv_cache import PAST, pairs, positions
 
 # on_token(row, token_id, text_piece): called for every new token of an unfinished row, as it is chosen.
 Streamer = Callable[[int, int, str], None]
@@ -150,10 +150,10 @@ def generate(session, prompts, *, max_new_tokens: int = 64, temperature: float =
     for b, r in enumerate(rows):
         ids[b, longest - len(r):], mask[b, longest - len(r):] = r, 1
     rng = np.random.default_rng(seed)
-    layers, window = meta["layers"], meta.get("cache_window")
+    cache_names, window = pairs(meta["layers"]), meta.get("cache_window")
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
     empty = np.zeros((batch, meta["kv_heads"], 0, meta["head_dim"]), dtype=np.float32)
-    feeds.update({f"{PAST}.{i}.{kv}": empty for i in range(layers) for kv in ("key", "value")})
+    feeds.update({past: empty for past in cache_names})
     sequence = ids
     new: list[list[int]] = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
@@ -204,8 +204,8 @@ def generate(session, prompts, *, max_new_tokens: int = 64, temperature: float =
         mask = np.concatenate([mask[:, drop:], np.ones((batch, 1), dtype=np.int64)], axis=1)
         feeds = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": feeds["position_ids"][:, -1:] + 1}
         if cache is None:
-            feeds.update({f"{PAST}.{i}.{kv}": np.ascontiguousarray(out[f"{PRESENT}.{i}.{kv}"][:, :, drop:]) if drop
-                          else out[f"{PRESENT}.{i}.{kv}"] for i in range(layers) for kv in ("key", "value")})
+            feeds.update({past: np.ascontiguousarray(out[present][:, :, drop:]) if drop else out[present]
+                          for past, present in cache_names.items()})
     total = time.perf_counter() - t0
     if tok is not None and stop:
         texts = [_cut(t, stop) for t in texts]

@@ -42,6 +42,12 @@ def positions(mask):
     return np.where(mask == 0, 1, pos).astype(np.int64)
 
 
+def pairs(layers: int) -> dict[str, str]:
+    """Each cache input's name -> the output that carries it to the next step (past_key_values.N.key ->
+    present.N.key), layer by layer."""
+    return {f"{PAST}.{i}.{kv}": f"{PRESENT}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")}
+
+
 def shares_buffer(manifest: dict) -> bool:
     """Whether a decoder artifact's cache can be one max-length buffer per tensor, written in place
     (targets/kv_buffer.py): an ort graph built for it, and no window whose oldest columns are dropped."""

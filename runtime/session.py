@@ -12,7 +12,7 @@ import numpy as np
 from effc.errors import EffcError
 from effc.runtime import cpu
 from effc.runtime.backends import runner_class
-from effc.runtime.kv_cache import PAST, PRESENT, complete_feeds, shares_buffer
+from effc.runtime.kv_cache import complete_feeds, pairs, shares_buffer
 from effc.runtime.limits import check_feeds
 from effc.runtime.manifest import artifact_file, read_manifest
 
@@ -164,8 +164,7 @@ class Session:
         if make is None or not shares_buffer(self.manifest):
             return None
         d = self.manifest["decoder"]
-        pairs = {f"{PAST}.{i}.{kv}": f"{PRESENT}.{i}.{kv}" for i in range(d["layers"]) for kv in ("key", "value")}
-        return make(pairs, (batch, d["kv_heads"], length, d["head_dim"]), "logits")
+        return make(pairs(d["layers"]), (batch, d["kv_heads"], length, d["head_dim"]), "logits")
 
     def warmup(self, feeds: dict[str, np.ndarray], runs: int = 3) -> None:
         for _ in range(runs):
