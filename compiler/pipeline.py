@@ -65,7 +65,7 @@ class Job:
 
     @property
     def lossy(self) -> bool:
-        return not all(type(p).exact for p in self.pipeline)
+        return not all(p.exact for p in self.pipeline)
 
 
 @dataclass

@@ -18,6 +18,7 @@ PASSES: dict[str, str] = {
     "int4": "effc.passes.int4:Int4",
     "fp16": "effc.passes.half:Fp16",
     "bf16": "effc.passes.half:Bf16",
+    "sparse_attention": "effc.passes.sparse_attention:SparseAttention",
 }
 
 

@@ -4,4 +4,4 @@ for each target column (registry.py). Importing this package registers every op.
 
 from effc.ops import (cached_attention, int8_embedding, int8_linear_dynamic, int8_linear_per_token,  # noqa: F401
                       int8_linear_static, int8_linear_weight_only, nbits_embedding, nbits_linear, nf4_linear,
-                      rms_norm, rotary)
+                      rms_norm, rotary, window_attention)
