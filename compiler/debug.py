@@ -7,7 +7,7 @@ import contextlib
 from pathlib import Path
 
 from effc.errors import EffcError
-from effc.layerwise import LayerComparison, LayerReport, graph_taps, probes, tap_names
+from effc.layerwise import LayerComparison, LayerReport, attention_layers, graph_taps, probes, tap_names
 
 
 def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples: int | None = 32,
@@ -33,7 +33,7 @@ def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples:
     example = source_example(src)
     captured = capture_source(src, example)
     module = captured.program.module()
-    float_probes = probes(module)
+    float_probes = probes(module, attention=True)
     comparison = LayerComparison(float_probes, artifact_probes, layer_rules(Path(artifact), manifest))
     if not comparison.layers:
         raise EffcError(f"no layer of {source} matches a probe of {artifact}; is it the model it was compiled from?")
@@ -56,7 +56,9 @@ def debug(source: str, artifact: str | Path, data: str, *, adapters=(), samples:
             comparison.add_outputs(run_torch(captured.module, feeds, captured.output_names),
                                    {k: got[k] for k in captured.output_names}, mask)
             bar.update(len(next(iter(np_feeds.values()))))
-    return comparison.report()
+    report = comparison.report()
+    report.attention = attention_layers(module)
+    return report
 
 
 def layer_rules(artifact: Path, manifest: dict) -> dict[str, list[str]]:

@@ -25,18 +25,29 @@ from effc.watch import watch
 JUMP_DB = 6.0
 
 
-def is_layer(node: torch.fx.Node) -> bool:
+_ATTENTION = (torch.ops.aten.scaled_dot_product_attention.default,)
+
+
+def _is_attention(node: torch.fx.Node) -> bool:
+    return node.target in _ATTENTION or str(node.target) == "effc.window_attention.default"
+
+
+def is_layer(node: torch.fx.Node, attention: bool = False) -> bool:
+    """A node that makes its module a layer: a linear, an embedding, an effc op, and with `attention` an
+    SDPA (the float twin of sparse_attention's effc::window_attention, so the debugger can compare it)."""
     target = node.target
     return node.op == "call_function" and (
         target in (torch.ops.aten.linear.default, torch.ops.aten.embedding.default)
-        or getattr(target, "namespace", None) == "effc")
+        or getattr(target, "namespace", None) == "effc"
+        or (attention and target in _ATTENTION))
 
 
-def probes(gm: torch.fx.GraphModule) -> dict[str, dict[str, str | None]]:
+def probes(gm: torch.fx.GraphModule, attention: bool = False) -> dict[str, dict[str, str | None]]:
     """module name -> {"input": fx node name or None, "output": fx node name}, in graph order.
 
     The output is the module's last node that something outside the module reads; the input is the
-    first float activation its first node reads from outside (None for embeddings: indices are exact)."""
+    first float activation its first node reads from outside (None for embeddings: indices are exact);
+    an attention layer's input is its query."""
     nodes: dict[str, list[torch.fx.Node]] = {}
     layers = []
     for node in gm.graph.nodes:
@@ -44,7 +55,7 @@ def probes(gm: torch.fx.GraphModule) -> dict[str, dict[str, str | None]]:
             continue
         name = module_name(node)
         nodes.setdefault(name, []).append(node)
-        if is_layer(node) and name not in layers:
+        if is_layer(node, attention) and name not in layers:
             layers.append(name)
     out = {}
     for name in layers:
@@ -52,11 +63,19 @@ def probes(gm: torch.fx.GraphModule) -> dict[str, dict[str, str | None]]:
         exits = [n for n in nodes[name] if any(u not in inside for u in n.users)]
         if not exits:
             continue
-        first = nodes[name][0]
-        activation = next((a for a in first.all_input_nodes if a not in inside and a.op == "call_function"
-                           and _is_float(a)), None)
+        attention = next((n for n in nodes[name] if _is_attention(n)), None)
+        if attention is not None:  # the query as attention reads it (the artifact's probe sees the same)
+            activation = attention.args[0]
+        else:
+            activation = next((a for a in nodes[name][0].all_input_nodes if a not in inside
+                               and a.op == "call_function" and _is_float(a)), None)
         out[name] = {"input": activation.name if activation is not None else None, "output": exits[-1].name}
     return out
+
+
+def attention_layers(gm: torch.fx.GraphModule) -> set[str]:
+    """Names of the modules that run an attention (SDPA or effc::window_attention)."""
+    return {module_name(n) for n in gm.graph.nodes if n.op == "call_function" and _is_attention(n)}
 
 
 def _is_float(node: torch.fx.Node) -> bool:
@@ -92,6 +111,7 @@ class LayerReport:
     rows: list[LayerRow]  # execution order
     first_jump: str | None
     outputs: dict[str, dict] = field(default_factory=dict)  # model output name -> sqnr_db, cosine, max_abs
+    attention: set[str] = field(default_factory=set)  # layers that are attention (sparse_attention's patterns)
 
     def ranked(self) -> list[LayerRow]:
         return sorted(self.rows, key=lambda r: (r.layer_sqnr_db, r.order))
@@ -117,8 +137,14 @@ class LayerReport:
         return "\n".join(lines)
 
     def advice(self, worst: int = 3) -> str:
-        names = [r.name for r in self.ranked()[:worst]]
+        ranked = self.ranked()
+        names = [r.name for r in ranked[:worst]]
         jump = f"the error first jumps at {self.first_jump}; " if self.first_jump else ""
+        sparse = [r.name for r in ranked if r.name in self.attention]
+        if sparse and set(names) <= set(sparse):  # the damage is the attention pattern's, not quantization's
+            rest = [n for n in sparse if n not in names]
+            keep = f"--pass-config sparse_attention.layers={','.join(rest)}" if rest else "drop sparse_attention"
+            return f"{jump}most damage is added by the sparse attention of {', '.join(names)}. To keep them dense: {keep}"
         return (f"{jump}most damage is added by {', '.join(names)}. To keep them in float: "
                 f"--pass-config int8.exclude={','.join(names)}")
 

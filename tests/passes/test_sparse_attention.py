@@ -4,6 +4,8 @@ the dense layers stay; approximate patterns compile and report accuracy; bad set
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -144,7 +146,9 @@ def test_approximate_longformer_on_minilm_reports_accuracy_and_debugs(minilm_dir
     np.savez(data, input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=np.zeros_like(ids))
     result = run("debug", minilm_dir, out, "--data", data, "--json", tmp_path / "debug.json")
     assert result.exit_code == 0, result.output
-    assert "window_attention" in (tmp_path / "debug.json").read_text() or "attention" in result.output
+    ranked = [row["name"] for row in json.loads((tmp_path / "debug.json").read_text())["ranked"]]
+    assert {f"encoder.layer.{i}.attention.self" for i in range(6)} <= set(ranked)  # each rewritten attention
+    assert "To keep them dense: --pass-config sparse_attention.layers=" in result.output
 
 
 def test_approximate_window_on_llama(hf_dir, tmp_path):
