@@ -1,14 +1,15 @@
 """effc::window_attention in standard ONNX ops (the `onnx` and `ort` columns): a blocked band, so the
 work is O(S * window) rather than the O(S * T) of a dense masked attention.
 
-The keys a query needs lie in [p - (w-1)*d, p] (causal) or +-(w-1)*d. Over a prefill of S queries over T
-keys (queries at the end, compiler/ops/window_attention.py), the graph
-  1. slices keys, values and key_valid from P0 = max(0, T - S - (w-1)*d) (a cache's old positions are
-     never read), and pads the queries in front to the same frame, so query row r and key r share a position;
+The keys a query needs lie in [p - (w-1)*d, p] (causal) or +-(w-1)*d. For S queries over T keys
+(queries at the end, compiler/ops/window_attention.py), the graph
+  1. cuts the queries into blocks of `rows` (padded to whole blocks) and takes the key frame they can
+     reach: positions [T-S - back*rows*d, T-S + S_padded (+ ahead)), zero-padded and marked invalid
+     outside [0, T), so a cache's old positions are never read and a decode step reads one window;
   2. with dilation d, regroups positions by residue mod d: queries of one residue see only keys of it, and
      within a group the band is a plain band of w (so dilation costs no extra work);
-  3. cuts the frame into blocks of `rows` and gives each query block the `nk` key blocks around it (nk
-     shifted Slices, one Concat): the band mask is then the same constant [rows, nk*rows] for every block;
+  3. gives each query block the `blocks` consecutive key blocks ending `ahead` after its own (shifted
+     Slices, one Concat): the band mask is then the same constant [rows, blocks*rows] for every block;
   4. global keys are extra score columns (one softmax over both, a global key inside the band counted once),
      and global queries a small dense attention over all keys, put in their rows through a one-hot MatMul.
 A block-sparse layout (or no band at all) lowers to a dense attention under the op's own mask (`_dense`).
@@ -80,14 +81,11 @@ def _regroup(x, groups: int, rows: int, lead: list[int], rest: list[int]):
     return op.Reshape(grouped, _ints(*lead, groups, -1, rows, *rest))
 
 
-def _windows(x, rank: int, axis: int, back: int, ahead: int, blocks: int):
-    """Key blocks along `axis` (blocks of `rows` at axis+1) -> each query block's window of `blocks` key
-    blocks, concatenated on axis+1: pad `back` empty blocks in front and `ahead` behind, then shifted Slices."""
-    pads = [0] * (2 * rank)
-    pads[axis], pads[rank + axis] = back, ahead
-    padded = op.Pad(x, _ints(*pads))
-    count = _dim(x, axis)
-    parts = [op.Slice(padded, _ints(t), op.Add(count, _ints(t)), _ints(axis)) for t in range(blocks)]
+def _windows(x, axis: int, blocks: int):
+    """Key blocks along `axis` (nb + blocks - 1 of them, rows at axis+1) -> each of the nb query blocks'
+    window of `blocks` consecutive key blocks, concatenated on axis+1 (shifted Slices, one Concat)."""
+    count = op.Sub(_dim(x, axis), _ints(blocks - 1))
+    parts = [op.Slice(x, _ints(t), op.Add(count, _ints(t)), _ints(axis)) for t in range(blocks)]
     return op.Concat(*parts, axis=axis + 1)
 
 
@@ -105,29 +103,32 @@ def blocked(query, key, value, key_valid, window: int, causal: bool, dilation: i
     blocks = back + 1 + ahead
     s, t = _dim(query, 2), _dim(key, 2)
     past = op.Sub(t, s)
-    p0 = op.Mul(op.Div(op.Max(op.Sub(past, _ints((w - 1) * d)), _ints(0)), _ints(d)), _ints(d))
-    front = op.Sub(past, p0)  # query rows padded in front: positions P0 .. T-S-1, computed and dropped
-    length = op.Sub(t, p0)
     unit = d * rows
-    padded_len = op.Mul(op.Div(op.Add(length, _ints(unit - 1)), _ints(unit)), _ints(unit))
-    tail = op.Sub(padded_len, length)
-    zero2 = _ints(0, 0)
+    q_len = op.Mul(op.Div(op.Add(s, _ints(unit - 1)), _ints(unit)), _ints(unit))  # S padded to whole blocks
+    q_tail = op.Sub(q_len, s)
+    # the key frame: positions [past - back*unit, past + q_len + ahead*unit), invalid where outside [0, T)
+    front = op.Max(op.Sub(_ints(back * unit), past), _ints(0))
+    start = op.Sub(op.Add(past, front), _ints(back * unit))
+    k_len = op.Add(q_len, _ints((back + ahead) * unit))
 
-    def frame(x, lead_pad):  # [B, H, *, D] -> sliced from P0 (keys) or front-padded (queries), tail-padded
-        return op.Pad(x, op.Concat(zero2, lead_pad, _ints(0), zero2, tail, _ints(0), axis=0))
+    def key_frame(x, axis: int, rank: int):  # the sequence axis is the last but one (keys) or the last (valid)
+        after = rank - 1 - axis
+        pads = [_ints(*[0] * axis), front, *([_ints(*[0] * after)] if after else []),
+                _ints(*[0] * axis), op.Add(q_tail, _ints(ahead * unit)), *([_ints(*[0] * after)] if after else [])]
+        return op.Slice(op.Pad(x, op.Concat(*pads, axis=0)), start, op.Add(start, k_len), _ints(axis))
 
-    q = frame(op.Mul(query, op.Constant(value_float=float(scale))), front)
-    k = frame(op.Slice(key, p0, _ints(_INT64_MAX), _ints(2)), _ints(0))
-    v = frame(op.Slice(value, p0, _ints(_INT64_MAX), _ints(2)), _ints(0))
+    q = op.Pad(op.Mul(query, op.Constant(value_float=float(scale))),
+               op.Concat(_ints(0, 0, 0, 0, 0, 0), q_tail, _ints(0), axis=0))
+    k, v = key_frame(key, 2, 4), key_frame(value, 2, 4)
     valid_t = _key_valid(key_valid, key)
-    valid = op.Pad(op.Slice(valid_t, p0, _ints(_INT64_MAX), _ints(1)), op.Concat(_ints(0, 0), _ints(0), tail, axis=0))
+    valid = key_frame(valid_t, 1, 2)
 
     # [B, KV, rep, d, nb, rows, D] queries against [B, KV, 1, d, nb, blocks*rows, D] keys
     qb = _regroup(op.Reshape(q, _ints(0, kv_heads, rep, -1, head)), d, rows, [0, kv_heads, rep], [head])
-    kb = _windows(_regroup(k, d, rows, [0, kv_heads], [head]), 6, 3, back, ahead, blocks)
-    vb = _windows(_regroup(v, d, rows, [0, kv_heads], [v_head]), 6, 3, back, ahead, blocks)
+    kb = _windows(_regroup(k, d, rows, [0, kv_heads], [head]), 3, blocks)
+    vb = _windows(_regroup(v, d, rows, [0, kv_heads], [v_head]), 3, blocks)
     kb, vb = op.Unsqueeze(kb, _ints(2)), op.Unsqueeze(vb, _ints(2))
-    valid_b = _windows(_regroup(op.Unsqueeze(valid, _ints(2)), d, rows, [0], [1]), 5, 2, back, ahead, blocks)
+    valid_b = _windows(_regroup(op.Unsqueeze(valid, _ints(2)), d, rows, [0], [1]), 2, blocks)
     # valid_b: [B, d, nb, blocks*rows, 1] -> [B, 1, 1, d, nb, 1, blocks*rows]
     valid_b = op.Unsqueeze(op.Squeeze(valid_b, _ints(4)), _ints(1, 2, 5))
     band = _const("window_band", band_mask(rows, back, blocks, w, causal))
@@ -142,7 +143,7 @@ def blocked(query, key, value, key_valid, window: int, causal: bool, dilation: i
         kg = op.Unsqueeze(op.Gather(key, g_in, axis=2), _ints(2, 3, 4))  # [B, KV, 1, 1, 1, G, D]
         vg = op.Unsqueeze(op.Gather(value, g_in, axis=2), _ints(2, 3, 4))
         # each query row's position, regrouped like the queries: [d, nb, rows, 1]
-        pos = op.Range(op.Squeeze(p0, _ints(0)), op.Squeeze(op.Add(p0, padded_len), _ints(0)),
+        pos = op.Range(op.Squeeze(past, _ints(0)), op.Squeeze(op.Add(past, q_len), _ints(0)),
                        op.Constant(value_int=1))
         pos = op.Unsqueeze(_regroup(pos, d, rows, [], []), _ints(3))
         r = op.Sub(pos, g)
@@ -164,7 +165,7 @@ def blocked(query, key, value, key_valid, window: int, causal: bool, dilation: i
     if d > 1:
         out = op.Transpose(op.Reshape(out, _ints(0, kv_heads, rep, d, -1, v_head)), perm=[0, 1, 2, 4, 3, 5])
     out = op.Reshape(out, _ints(0, heads, -1, v_head))
-    out = op.Slice(out, front, op.Add(front, s), _ints(2))
+    out = op.Slice(out, _ints(0), s, _ints(2))
     if globals_:
         out = _global_rows(out, query, key, value, valid_t, globals_, causal, scale, heads, kv_heads, v_head)
     return out
