@@ -82,7 +82,9 @@ def _where(exc: BaseException) -> str:
 
 
 def _export(wrapper, inputs, shapes) -> ExportedProgram:
-    with torch.no_grad():
+    from effc.exportable_attention import exportable
+
+    with torch.no_grad(), exportable(wrapper):
         return torch.export.export(wrapper, (), dict(inputs), dynamic_shapes=shapes, strict=False)
 
 
