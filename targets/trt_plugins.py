@@ -17,7 +17,7 @@ How a plugin gets into model.onnx:
      would be imported as its body and the plugin never used; without the function the parser falls back to
      the plugin registry (name, plugin_version, plugin_namespace), where register_with_tensorrt() put it.
 
-A new plugin (window attention, MoE) is one more Plugin row: its placeholder inputs and attributes, how its
+A new plugin (MoE, ...) is one more Plugin row: its placeholder inputs and attributes, how its
 placeholder inputs become plugin inputs (`lower`), its reference function body, and its tensorrt.plugin
 registration (`register`).
 """
@@ -50,6 +50,10 @@ class Plugin:
     plugin_inputs: tuple[str, ...]  # the plugin node's inputs (= the function's), in the kernel's order
     register: Callable  # (tensorrt.plugin module, Plugin) -> None: desc, autotune, aot_impl
     check: Callable = lambda attrs: None  # {attribute: value} -> why the kernel cannot take this node, or None
+    placeholder_attributes: tuple[str, ...] = ()  # INT attributes on the placeholder only: what check() reads
+    #                                               (a pattern the kernel refuses), never on the plugin node
+    activations: tuple[str, ...] = ("x",)  # placeholder inputs of the activation type (float/fp16/bf16, the output's)
+    int32_inputs: tuple[str, ...] = ()  # placeholder inputs of type int32; the others are stored uint8/float tensors
     namespace: str = NAMESPACE
     version: str = "1"
     summary: str = ""
@@ -281,7 +285,131 @@ def _nf4_row(name: str, double_quant: bool) -> Plugin:
         summary="NF4 dequant-GEMM" + (" (double-quantized absmax)" if dq else ""))
 
 
-PLUGINS: dict[str, Plugin] = {p.name: p for p in (_nf4_row("nf4_gemm", False), _nf4_row("nf4_gemm_dq", True))}
+# ----------------------------------------------------------------------------------------------------
+# Band attention (effc::window_attention without global tokens or a layout): the flash-style Triton kernel of
+# targets/triton_window_attention.py, which reads only the key blocks the band reaches. One row: the
+# translation (targets/window_attention_trt.py) makes the inputs fixed in number and type, as tensorrt.plugin's
+# autotune declares types per IO position: key_valid is always an int32 [B, T] (all ones when the op has none),
+# and the query arrives multiplied by the op's scale (a standard Mul), since the placeholder and
+# tensorrt.plugin's SymInt32 scalars carry integers only. Patterns the kernel does not compute are refused by
+# check() through two placeholder-only attributes (an EffcError raised inside a translation reaches the user
+# wrapped in the exporter's ConversionError).
+# ----------------------------------------------------------------------------------------------------
+
+BAND_MAX_HEAD = 256  # = triton_window_attention.MAX_HEAD (that module imports torch and triton)
+
+
+def _band_lower(node: onnx.NodeProto, inits: dict[str, TensorProto], shared: dict[str, np.ndarray]):
+    """No weights: the plugin reads the placeholder's tensors as they are."""
+    return list(node.input), []
+
+
+def _band_body() -> list[onnx.NodeProto]:
+    """A dense masked attention over the band (O(S*T), only right): the op's allowed_mask without global tokens
+    or layout, GQA heads n -> n // (heads // kv_heads), softmax in float32, rows without a key 0."""
+    b = _Body()
+    window, dilation, heads, kv_heads = b.attr("window"), b.attr("dilation"), b.attr("heads"), b.attr("kv_heads")
+    causal = b("Cast", b.attr("causal"), to=TensorProto.BOOL)
+
+    def vec(scalar):
+        return b("Unsqueeze", scalar, b.const([0]))
+
+    zero, one = b.const(0), b.const(1)
+    s = b("Squeeze", b("Shape", "query", start=2, end=3), b.const([0]))
+    t = b("Squeeze", b("Shape", "key", start=2, end=3), b.const([0]))
+    r = b("Sub", b("Unsqueeze", b("Range", b("Sub", t, s), t, one), b.const([1])), b("Range", zero, t, one))  # [S, T]
+    span = b("Mul", window, dilation)
+    one_side = b("And", b("And", b("GreaterOrEqual", r, zero), b("Less", r, span)), causal)
+    both_sides = b("And", b("Less", b("Abs", r), span), b("Not", causal))  # (no Where on bool in ONNX Runtime)
+    inside = b("Or", one_side, both_sides)
+    band = b("And", inside, b("Equal", b("Mod", r, dilation), zero))
+    valid = b("Cast", b("Unsqueeze", "key_valid", b.const([1, 2, 3])), to=TensorProto.BOOL)  # [B, 1, 1, 1, T]
+    mask = b("And", band, valid)  # [B, 1, 1, S, T]
+    grouped = b("Concat", b.const([0]), vec(kv_heads), vec(b("Div", heads, kv_heads)), b.const([-1]),
+                vec(b.attr("head")), axis=0)
+    q = b("Reshape", "query", grouped)  # [B, KV, rep, S, D]
+    keys_t = b("Transpose", b("Unsqueeze", "key", b.const([2])), perm=[0, 1, 2, 4, 3])  # [B, KV, 1, D, T]
+    scores = b("Cast", b("MatMul", q, keys_t), to=TensorProto.FLOAT)
+    probs = b("Softmax", b("Where", mask, scores, b.const(-1e30, np.float32)), axis=-1)
+    probs = b("Mul", probs, b("ReduceMax", b("Cast", mask, to=TensorProto.FLOAT), b.const([-1]), keepdims=1))
+    out = b("MatMul", b("CastLike", probs, "value"), b("Unsqueeze", "value", b.const([2])))  # [B, KV, rep, S, Dv]
+    b("Reshape", out, b("Concat", b.const([0]), vec(heads), b.const([-1]), vec(b.attr("v_head")), axis=0), out="y")
+    return b.nodes
+
+
+def _band_aot(trtp, query, key, outputs, tactic: int, window: int, causal: int, dilation: int, heads: int,
+              kv_heads: int, head: int, v_head: int):
+    """aot_impl: the band kernel compiled for the build GPU (triton's active target), launched with grid
+    (cdiv(S, BLOCK_M), B * heads) and the SymInt32 scalars S (query length) and T (key length)."""
+    import tensorrt as trt
+    import torch
+    import triton
+
+    from effc.targets import triton_window_attention
+
+    dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}[query.dtype]
+    arch = triton.runtime.driver.active.get_current_target().arch
+    k = triton_window_attention.plugin_kernel(arch, dtype, tactic, window, causal, dilation, heads, kv_heads, head,
+                                              v_head)
+    s, t = query.shape_expr[2], key.shape_expr[2]
+    launch = trtp.KernelLaunchParams()
+    launch.grid_x = trtp.cdiv(s, k["block_m"])
+    launch.grid_y = query.shape_expr[0] * heads
+    launch.block_x = k["num_warps"] * 32
+    launch.shared_mem = k["shared"]
+    scalars = {"S": s, "T": t}
+    return k["name"], k["ptx"], launch, trtp.SymIntExprs.from_tuple([trtp.SymInt32(scalars[n]) for n in k["scalars"]])
+
+
+def _register_band(trtp, plugin: Plugin) -> None:
+    """tensorrt.plugin's functions for band_attention (signatures as _register_nf4 explains)."""
+    TD = trtp.TensorDesc
+    q = plugin.qualified
+
+    @trtp.register(q)
+    def desc(query: TD, key: TD, value: TD, key_valid: TD, window: int, causal: int, dilation: int, heads: int,
+             kv_heads: int, head: int, v_head: int) -> TD:
+        y = query.like()
+        y.shape_expr[3] = v_head
+        return y
+
+    @trtp.autotune(q)
+    def tune(query, key, value, key_valid, outputs):
+        from effc.targets.triton_window_attention import PLUGIN_TACTICS
+
+        return [trtp.AutoTuneCombination("FP32|FP16|BF16, FP32|FP16|BF16, FP32|FP16|BF16, INT32, FP32|FP16|BF16",
+                                         "LINEAR", list(PLUGIN_TACTICS))]
+
+    @trtp.aot_impl(q)
+    def aot(query, key, value, key_valid, window, causal, dilation, heads, kv_heads, head, v_head, outputs,
+            tactic) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        return _band_aot(trtp, query, key, outputs, tactic, window, causal, dilation, heads, kv_heads, head, v_head)
+
+
+def _band_check(attrs: dict) -> str | None:
+    """What the kernel computes: the band (causal or both sides, dilated) with key_valid, GQA heads."""
+    if attrs.get("global_tokens"):
+        return f"{attrs['global_tokens']} global token position(s) (the kernel computes the band only)"
+    if attrs.get("layout"):
+        return "a block-sparse layout (the kernel computes the band only)"
+    if attrs["dilation"] < 1:
+        return f"dilation {attrs['dilation']} is not >= 1"
+    if attrs["kv_heads"] < 1 or attrs["heads"] % attrs["kv_heads"]:
+        return f"{attrs['heads']} query heads are not a multiple of {attrs['kv_heads']} key/value heads"
+    if max(attrs["head"], attrs["v_head"]) > BAND_MAX_HEAD:
+        return f"head size {max(attrs['head'], attrs['v_head'])} is above the kernel's {BAND_MAX_HEAD}"
+    return None
+
+
+BAND = Plugin(
+    name="band_attention", op="effc::window_attention", inputs=("query", "key", "value", "key_valid"),
+    attributes=("window", "causal", "dilation", "heads", "kv_heads", "head", "v_head"),
+    plugin_inputs=("query", "key", "value", "key_valid"), lower=_band_lower, body=_band_body,
+    register=_register_band, check=_band_check, placeholder_attributes=("global_tokens", "layout"),
+    activations=("query", "key", "value"), int32_inputs=("key_valid",),
+    summary="banded (sliding-window, dilated) flash attention with key_valid and GQA heads")
+
+PLUGINS: dict[str, Plugin] = {p.name: p for p in (_nf4_row("nf4_gemm", False), _nf4_row("nf4_gemm_dq", True), BAND)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,13 +422,14 @@ def _register_placeholder_schemas() -> None:
     for p in PLUGINS.values():
         if onnx.defs.has(p.name, PENDING):
             continue
-        params = [OpSchema.FormalParameter(i, "tensor(float)" if i == "x" else "T" + i) for i in p.inputs]
-        params[0] = OpSchema.FormalParameter("x", "T")
+        params = [OpSchema.FormalParameter(i, "T" if i in p.activations else "T" + i) for i in p.inputs]
         constraints = [("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations")]
-        constraints += [("T" + i, ["tensor(uint8)", "tensor(float)"], i) for i in p.inputs[1:]]
+        constraints += [("T" + i, ["tensor(int32)"] if i in p.int32_inputs else ["tensor(uint8)", "tensor(float)"], i)
+                        for i in p.inputs if i not in p.activations]
+        attributes = [OpSchema.Attribute(a, OpSchema.AttrType.INT) for a in p.attributes + p.placeholder_attributes]
         onnx.defs.register_schema(OpSchema(
             p.name, PENDING, 1, inputs=params, outputs=[OpSchema.FormalParameter("y", "T")],
-            type_constraints=constraints, attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT) for a in p.attributes]))
+            type_constraints=constraints, attributes=attributes))
 
 
 _register_placeholder_schemas()

@@ -71,10 +71,10 @@ def fake(query, key, value, key_valid, window, causal, dilation, global_tokens, 
 
 
 def _translations() -> dict:
-    from effc.targets import window_attention_onnx
+    from effc.targets import window_attention_onnx, window_attention_trt
 
     return {"onnx": window_attention_onnx.blocked, "ort": window_attention_onnx.blocked,
-            "torch": "effc_native::window_attention"}
+            "torch": "effc_native::window_attention", "trt": window_attention_trt.band_plugin}
 
 
 OP = register(Op(torch.ops.effc.window_attention.default, _translations(), fake))
