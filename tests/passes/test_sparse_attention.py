@@ -159,6 +159,27 @@ def test_approximate_window_on_llama(hf_dir, tmp_path):
     assert report.accuracy_vs_eager is not None
 
 
+@pytest.mark.parametrize("pattern", ["bigbird", "blockwise"])
+def test_block_patterns_compile_with_their_layout(pattern, hf_dir, tmp_path):
+    """Block layouts (BigBird: neighbours, random blocks, a global first block; blockwise: its own block)
+    compile and verify; the layout the op reads is the one the pattern defines."""
+    report = effc.compile(str(hf_dir("llama")), tmp_path / "art", target="onnx", passes=["sparse_attention"],
+                          task="text-generation", pass_config=[f"sparse_attention.pattern={pattern}",
+                                                               "sparse_attention.block=16"])
+    assert report.passes[-1].counts["rewritten"] == 2
+    assert report.verification["passed"] and report.accuracy_vs_eager is not None
+    from effc.passes.sparse_attention import SparseAttention, SparseAttentionConfig
+
+    _, causal, _, globals_, block, layout = SparseAttention(SparseAttentionConfig(pattern=pattern, block=16))._pattern(
+        True, 256)
+    assert block == 16 and layout.shape == (16, 16) and causal
+    diagonal = layout.diagonal().all() and not layout[0, 5]
+    assert diagonal if pattern == "bigbird" else torch.equal(layout, torch.eye(16, dtype=torch.bool))
+    assert globals_ == (list(range(16)) if pattern == "bigbird" else [])
+    if pattern == "bigbird":  # neighbours and 2 random blocks per row, reproducible from the seed
+        assert ((layout.sum(1) >= 3) & (layout.sum(1) <= 5)).all()
+
+
 def test_no_window_is_a_note_not_an_error(hf_dir, tmp_path):
     report = effc.compile(str(hf_dir("llama")), tmp_path / "art", target="onnx", passes=["sparse_attention"])
     assert report.passes[-1].counts["rewritten"] == 0
