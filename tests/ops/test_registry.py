@@ -23,7 +23,8 @@ TARGET_INTERNAL = {"effc::cached_attention": ("ort",), "effc::rms_norm": ("ort",
 
 def test_every_effc_op_is_registered_with_fake_and_onnx_translations():
     modules = {"int8_linear_dynamic", "int8_linear_static", "int8_linear_per_token", "int8_linear_weight_only",
-               "int8_embedding", "nf4_linear", "nbits_linear", "nbits_embedding", "cached_attention", "rms_norm", "rotary"}
+               "int8_embedding", "nf4_linear", "nbits_linear", "nbits_embedding", "cached_attention", "rms_norm", "rotary",
+               "window_attention"}
     assert set(OPS) == {f"effc::{m}" for m in modules}
     for name, op in OPS.items():
         assert op.overload is getattr(torch.ops.effc, name.split("::")[1]).default
@@ -36,14 +37,16 @@ def test_translations_per_column():
     for column in ONNX_COLUMNS:
         assert set(translations(column)) == {op.overload for name, op in OPS.items()
                                              if column in TARGET_INTERNAL.get(name, ONNX_COLUMNS)}
-    assert translations("torch") == {torch.ops.effc.nf4_linear.default: "effc_native::nf4_linear"}
+    assert translations("torch") == {torch.ops.effc.nf4_linear.default: "effc_native::nf4_linear",
+                                     torch.ops.effc.window_attention.default: "effc_native::window_attention"}
     assert translations("no such column") == {}
 
 
 def test_native_twin_takes_the_ops_fake():
     from effc.native import native_fakes
 
-    assert native_fakes() == {"effc_native::nf4_linear": OPS["effc::nf4_linear"].fake}
+    assert native_fakes() == {"effc_native::nf4_linear": OPS["effc::nf4_linear"].fake,
+                              "effc_native::window_attention": OPS["effc::window_attention"].fake}
 
 
 def test_target_classes_name_their_column():
