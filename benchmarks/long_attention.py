@@ -9,7 +9,7 @@ batch 1, 2 threads, prefill over S = 1k, 4k, 16k, 32k, every candidate computing
   effc-kernel    effc_native::window_attention (compiler/csrc/window_attention.cpp), effc's torch target kernel
 
 Each (candidate, S) runs in its own subprocess: peak RSS is its own (VmHWM, inputs and load included).
-Times are the median of the repetitions after a warm-up; the ratios are against gqa-dense and effc-onnx of
+Times are the median of the repetitions after two warm-up runs; the ratios are against gqa-dense and effc-onnx of
 the same run. The compute bound is 2*2*S*w*heads*head_dim FLOPs (the band's two matmuls) at the sgemm
 rate torch measures here (1024^3, 2 threads). ONNX Runtime runs without spinning, PyTorch with
 OMP_WAIT_POLICY=PASSIVE. Writes docs/long_attention.png (time vs S, log-log).
@@ -20,6 +20,7 @@ OMP_WAIT_POLICY=PASSIVE. Writes docs/long_attention.png (time vs S, log-log).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -36,7 +37,9 @@ THREADS, WINDOW, HEADS, HEAD = 2, 256, 12, 64
 CANDIDATES = ("gqa-dense", "gqa-window", "sdpa-band", "flex", "effc-onnx", "effc-kernel")
 # Candidates that cannot run at a length here (O(S^2) memory past what 24 GB holds, or minutes per call).
 TOO_BIG = {"sdpa-band": 32768, "flex": 32768}
-EFFC_ONNX = Path.home() / ".cache" / "effc" / "bench-long-attention" / "window_attention.onnx"
+# keyed by the lowering's source, so a changed lowering is re-exported
+EFFC_ONNX = (Path.home() / ".cache" / "effc" / "bench-long-attention" /
+             f"window_attention-{hashlib.sha256((ROOT / 'targets' / 'window_attention_onnx.py').read_bytes()).hexdigest()[:12]}.onnx")
 
 
 def _inputs(s: int):
@@ -156,7 +159,8 @@ def worker(name: str, s: int, reps: int) -> dict:
         args = tuple(torch.from_numpy(x) for x in (q, k, v))
         base = run
         run = lambda a: base(a)  # noqa: E731
-    run(args)  # warm-up (FlexAttention compiles here)
+    for _ in range(2):  # warm-up: FlexAttention compiles in the first; ONNX Runtime's arena grows through the second
+        run(args)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -250,7 +254,7 @@ def main() -> None:
     candidates = args.candidates.split(",")
     results: dict[str, dict[int, dict]] = {c: {} for c in candidates}
     for s in lengths:
-        reps = args.reps if s <= 4096 else max(2, args.reps // 2)
+        reps = args.reps if s <= 4096 else max(3, args.reps // 2)
         for c in candidates:
             if s >= TOO_BIG.get(c, 1 << 30):
                 results[c][s] = {"skipped": "O(S^2) memory / minutes per call here"}

@@ -18,59 +18,31 @@ from torch.export import ExportedProgram
 
 import effc.ops  # noqa: F401  (registers effc::cached_attention)
 from effc.passes.rewrite import GraphEdit, Rule, apply_rules
+from effc.passes.sdpa import SDPA, arguments, shape, through_repeat
 
 NAME = "kv_attention"
 _aten = torch.ops.aten
-_SDPA = _aten.scaled_dot_product_attention.default
-_FULL_SLICE = (0, 9223372036854775807)
-
-
-def _shape(node) -> tuple | None:
-    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def _through_repeat(node: torch.fx.Node) -> torch.fx.Node:
-    """The tensor repeat_kv started from: back over full slices, one unsqueeze(2), expand and reshape."""
-    while node.op == "call_function":
-        if node.target == _aten.slice.Tensor and tuple(node.args[2:4]) in (_FULL_SLICE, (0, None)):
-            node = node.args[0]
-        elif node.target in (_aten.reshape.default, _aten.view.default, _aten.expand.default):
-            node = node.args[0]
-        elif node.target == _aten.unsqueeze.default and node.args[1] == 2:
-            node = node.args[0]
-        else:
-            break
-    return node
 
 
 def _cache_cat(node: torch.fx.Node) -> torch.fx.Node | None:
     """The cat([past, new], dim=2) a key/value argument repeats, or None."""
-    src = _through_repeat(node)
+    src = through_repeat(node)
     if src.op != "call_function" or src.target != _aten.cat.default:
         return None
     parts, dim = src.args[0], src.args[1] if len(src.args) > 1 else 0
-    shape = _shape(src)
-    if len(parts) != 2 or shape is None or len(shape) != 4 or dim not in (2, -2):
+    dims = shape(src)
+    if len(parts) != 2 or dims is None or len(dims) != 4 or dim not in (2, -2):
         return None
     return src
 
 
-def _arguments(node: torch.fx.Node):
-    args = list(node.args) + [None] * (7 - len(node.args))
-    q, k, v, mask, dropout, causal, *_ = args
-    kw = node.kwargs
-    return (q, k, v, kw.get("attn_mask", mask), kw.get("dropout_p", dropout or 0.0),
-            kw.get("is_causal", causal or False), kw.get("scale"), kw.get("enable_gqa", False))
-
-
 def _check(edit: GraphEdit, node: torch.fx.Node) -> str | None:
-    q, k, v, mask, dropout, causal, _, gqa = _arguments(node)
+    q, k, v, mask, dropout, causal, _, gqa = arguments(node)
     if dropout or causal or gqa:
         return "dropout, is_causal or enable_gqa"
     if not isinstance(mask, torch.fx.Node):
         return "no attention mask"
-    qs, ms = _shape(q), _shape(mask)
+    qs, ms = shape(q), shape(mask)
     if qs is None or len(qs) != 4 or q.meta["val"].dtype != torch.float32:
         return "query not 4D float32"
     if ms is None or len(ms) != 4 or ms[1] != 1 or str(ms[0]) != str(qs[0]) or str(ms[2]) != str(qs[2]):
@@ -78,19 +50,19 @@ def _check(edit: GraphEdit, node: torch.fx.Node) -> str | None:
     kc, vc = _cache_cat(k), _cache_cat(v)
     if kc is None or vc is None:
         return "keys/values are not cat([past, new]) (+ repeat_kv)"
-    heads, kv_heads = qs[1], _shape(kc)[1]
+    heads, kv_heads = qs[1], shape(kc)[1]
     if not (isinstance(heads, int) and isinstance(kv_heads, int)) or heads % kv_heads:
         return "head counts not static multiples"
-    if _shape(k)[1] != heads or _shape(v)[1] != heads:
+    if shape(k)[1] != heads or shape(v)[1] != heads:
         return "repeat_kv does not reach the query's heads"
     return None
 
 
 def _rewrite(edit: GraphEdit, node: torch.fx.Node) -> torch.fx.Node:
-    q, k, v, mask, _, _, scale, _ = _arguments(node)
+    q, k, v, mask, _, _, scale, _ = arguments(node)
     kc, vc = _cache_cat(k), _cache_cat(v)
     if scale is None:
-        scale = _shape(q)[3] ** -0.5
+        scale = shape(q)[3] ** -0.5
     fused = edit.call(torch.ops.effc.cached_attention.default,
                       (q, kc.args[0][0], kc.args[0][1], vc.args[0][0], vc.args[0][1], mask, float(scale)), node)
     items = []
@@ -104,7 +76,7 @@ def _rewrite(edit: GraphEdit, node: torch.fx.Node) -> torch.fx.Node:
     return items[0]
 
 
-RULE = Rule("gqa", lambda n: n.op == "call_function" and n.target == _SDPA, _rewrite, _check)
+RULE = Rule("gqa", lambda n: n.op == "call_function" and n.target == SDPA, _rewrite, _check)
 
 
 def lower(program: ExportedProgram, keep: frozenset[str] = frozenset()) -> tuple[ExportedProgram, int, dict[str, int]]:

@@ -27,7 +27,7 @@ import effc.ops  # noqa: F401  (registers effc::window_attention)
 from effc.errors import EffcError
 from effc.ops.window_attention import allowed_mask
 from effc.passes.base import Level, Pass, PassConfig, PassContext, PassResult
-from effc.passes.kv_attention import _SDPA, _arguments, _shape, _through_repeat
+from effc.passes.sdpa import SDPA, arguments, shape, through_repeat
 from effc.passes.program import module_name
 from effc.passes.rewrite import GraphEdit, Rule, apply_rules
 from effc.targets.window_attention_onnx import block_rows
@@ -206,16 +206,16 @@ class SparseAttention(Pass[SparseAttentionConfig]):
 
         def plan(node) -> tuple[int, bool, int, list[int], int, torch.Tensor | None] | str:
             """(window, causal, dilation, globals, block, layout) for the op, or why not."""
-            q, k, v, mask, dropout, is_causal, _, gqa = _arguments(node)
+            q, k, v, mask, dropout, is_causal, _, gqa = arguments(node)
             name = module_name(node)
             if c.layers and not any(fnmatch.fnmatchcase(name, g) for g in c.layers):
                 return "not in sparse_attention.layers"
             if dropout or gqa:
                 return "dropout or enable_gqa"
-            qs, ks = _shape(q), _shape(_through_repeat(k))
+            qs, ks = shape(q), shape(through_repeat(k))
             if qs is None or len(qs) != 4 or ks is None or not all(isinstance(x, int) for x in (qs[1], ks[1], qs[3])):
                 return "q/k not 4D with static heads"
-            if qs[1] % ks[1] or _shape(_through_repeat(v))[1] != ks[1]:
+            if qs[1] % ks[1] or shape(through_repeat(v))[1] != ks[1]:
                 return "head counts not multiples"
             if isinstance(mask, torch.fx.Node):
                 probes[node] = probe = probes.get(node) or _Probe(ep, mask)
@@ -248,7 +248,7 @@ class SparseAttention(Pass[SparseAttentionConfig]):
             return None
 
         def rewrite(edit_, node):
-            q, k, v, mask, _, _, scale, _ = _arguments(node)
+            q, k, v, mask, _, _, scale, _ = arguments(node)
             window, causal, dilation, globals_, block, layout = plans[node]
             valid = None
             if node in probes and probes[node].uses_padding:
@@ -258,13 +258,13 @@ class SparseAttention(Pass[SparseAttentionConfig]):
             if layout is not None:
                 layout_node = edit_.add_parameter(f"sparse_attention_layout_{node.name}", layout)
             if scale is None:
-                scale = _shape(q)[3] ** -0.5
+                scale = shape(q)[3] ** -0.5
             return edit_.call(torch.ops.effc.window_attention.default,
-                              (q, _through_repeat(k), _through_repeat(v), valid, window, causal, dilation, globals_,
+                              (q, through_repeat(k), through_repeat(v), valid, window, causal, dilation, globals_,
                                block, layout_node, float(scale)), node)
 
         done = apply_rules(edit, [Rule("window" if self.exact else c.pattern, lambda n: n.op == "call_function"
-                                       and n.target == _SDPA, rewrite, check)])
+                                       and n.target == SDPA, rewrite, check)])
         edit.graph.eliminate_dead_code()
         refused = {reason: len(nodes) for reason, nodes in edit.refused.items()}
         counts = {"rewritten": done, **{f"left dense: {r}": n for r, n in refused.items()}}
