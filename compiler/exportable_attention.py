@@ -30,7 +30,7 @@ def _longformer_self_attention(self, hidden_states, attention_mask=None, is_inde
     q = split(self.query(hidden_states) / math.sqrt(head))
     k, v = split(self.key(hidden_states)), split(self.value(hidden_states))
     local = attention_mask == 0  # the encoder's mask: 0 attend locally, finfo.min padding
-    out = torch.ops.effc.window_attention(q, k, v, local, self.one_sided_attn_window_size + 1, False, 1, [], 0,
+    out = torch.ops.effc.window_attention(q, k, v, local, self.one_sided_attn_window_size + 1, False, 1, None, 0,
                                           None, 1.0)
     out = out * (~is_index_masked)[:, None, :, None].to(out.dtype)  # HF zeroes padded query rows
     return (out.transpose(1, 2).reshape(batch, seq, embed),)

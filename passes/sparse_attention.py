@@ -260,8 +260,8 @@ class SparseAttention(Pass[SparseAttentionConfig]):
             if scale is None:
                 scale = shape(q)[3] ** -0.5
             return edit_.call(torch.ops.effc.window_attention.default,
-                              (q, through_repeat(k), through_repeat(v), valid, window, causal, dilation, globals_,
-                               block, layout_node, float(scale)), node)
+                              (q, through_repeat(k), through_repeat(v), valid, window, causal, dilation,
+                               globals_ or None, block, layout_node, float(scale)), node)
 
         done = apply_rules(edit, [Rule("window" if self.exact else c.pattern, lambda n: n.op == "call_function"
                                        and n.target == SDPA, rewrite, check)])

@@ -134,7 +134,7 @@ def blocked(query, key, value, key_valid, window: int, causal: bool, dilation: i
     band = _const("window_band", band_mask(rows, back, blocks, w, causal))
     mask = op.And(band, op.Greater(valid_b, op.Constant(value_float=0.5)))
     scores = op.MatMul(qb, op.Transpose(kb, perm=[0, 1, 2, 3, 4, 6, 5]))
-    globals_ = sorted({int(g) for g in global_tokens})
+    globals_ = sorted({int(g) for g in global_tokens or []})
     if not globals_:
         out = op.MatMul(_softmax_rows(scores, mask), vb)
     else:

@@ -40,4 +40,4 @@ def band_plugin(query, key, value, key_valid, window: int, causal: bool, dilatio
     place = getattr(_pending, BAND.name)
     return place(q, key, value, valid, window=int(window), causal=int(bool(causal)), dilation=int(dilation),
                  heads=heads, kv_heads=kv_heads, head=head, v_head=v_head,
-                 global_tokens=len({int(g) for g in global_tokens}), layout=int(layout is not None))
+                 global_tokens=len({int(g) for g in global_tokens or []}), layout=int(layout is not None))

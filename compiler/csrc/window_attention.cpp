@@ -783,7 +783,7 @@ std::vector<Tile> make_tiles(const Problem& P, int L) {
 
 at::Tensor window_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const std::optional<at::Tensor>& key_valid_t, int64_t window, bool causal,
-                            int64_t dilation, at::IntArrayRef global_tokens, int64_t block,
+                            int64_t dilation, at::OptionalIntArrayRef global_tokens, int64_t block,
                             const std::optional<at::Tensor>& layout_t, double scale) {
   TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4,
               "window_attention: query, key, value must be [B, N, S, D], [B, KV, T, D], [B, KV, T, Dv]");
@@ -822,8 +822,9 @@ at::Tensor window_attention(const at::Tensor& query, const at::Tensor& key, cons
   P.span = window == 0 ? 0 : (window - 1 > 2 * T / P.dilation ? (2 * T / P.dilation + 1) * P.dilation
                                                                : (window - 1) * P.dilation);
   P.qs = P.dilation;
-  for (const int64_t g : global_tokens)
-    if (g >= 0 && g < T) P.globals.push_back(int32_t(g));
+  if (global_tokens.has_value())
+    for (const int64_t g : *global_tokens)
+      if (g >= 0 && g < T) P.globals.push_back(int32_t(g));
   std::sort(P.globals.begin(), P.globals.end());
   P.globals.erase(std::unique(P.globals.begin(), P.globals.end()), P.globals.end());
   if (!P.globals.empty()) {
@@ -867,7 +868,7 @@ at::Tensor window_attention(const at::Tensor& query, const at::Tensor& key, cons
 
 TORCH_LIBRARY_FRAGMENT(effc_native, m) {
   m.def("window_attention(Tensor query, Tensor key, Tensor value, Tensor? key_valid, SymInt window, bool causal, "
-        "SymInt dilation, SymInt[] global_tokens, SymInt block, Tensor? layout, float scale) -> Tensor");
+        "SymInt dilation, SymInt[]? global_tokens, SymInt block, Tensor? layout, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(effc_native, CPU, m) { m.impl("window_attention", &window_attention); }

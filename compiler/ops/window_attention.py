@@ -51,13 +51,14 @@ def allowed_mask(batch: int, queries: int, keys: int, key_valid: torch.Tensor | 
 
 @torch.library.custom_op("effc::window_attention", mutates_args=())
 def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None,
-                     window: int, causal: bool, dilation: int, global_tokens: list[int], block: int,
+                     window: int, causal: bool, dilation: int, global_tokens: list[int] | None, block: int,
                      layout: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Attention output [B, N, S, Dv] from q [B, N, S, D], k [B, KV, T, D], v [B, KV, T, Dv] over the
-    pattern the module docstring defines."""
+    pattern the module docstring defines. global_tokens None = none (AOTInductor passes an empty
+    int list on as None, so effc's graphs carry None)."""
     b, heads, s, _ = query.shape
     t, repeat = key.shape[2], heads // key.shape[1]
-    mask = allowed_mask(b, s, t, key_valid, window, causal, dilation, list(global_tokens), block, layout,
+    mask = allowed_mask(b, s, t, key_valid, window, causal, dilation, list(global_tokens or []), block, layout,
                         query.device)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1), attn_mask=mask,
