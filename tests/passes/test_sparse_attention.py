@@ -75,9 +75,9 @@ def _check_counts(arch, record):
         assert record.counts["left dense: a global (dense) layer"] == dense
 
 
-CASES = [("mistral", "onnx"), ("gemma3", "ort"), ("qwen2", "ort"),
+CASES = [("mistral", "onnx"), ("gemma3", "ort"), ("qwen2", "ort"), ("mistral", "torch"),
          *[pytest.param(a, t, marks=pytest.mark.slow) for a, t in
-           [("mistral", "ort"), ("qwen2", "onnx"), ("gemma3", "onnx"), ("mistral", "torch"), ("qwen2", "torch"),
+           [("mistral", "ort"), ("qwen2", "onnx"), ("gemma3", "onnx"), ("qwen2", "torch"),
             ("gemma3", "torch")]]]
 
 
